@@ -1,0 +1,1 @@
+"""Methods: each module registers its attention variant and/or its LightningModule."""

@@ -1,0 +1,18 @@
+"""Plain-PyTorch models and caches (no Lightning or Hydra here)."""
+
+from kvcompress.models.caches import KACache, KVCache, LayerCache
+from kvcompress.models.config import ModelConfig
+from kvcompress.models.generate import generate
+from kvcompress.models.gpt_neox import ATTENTIONS, Attention, GPTNeoX, register_attention
+
+__all__ = [
+    "ATTENTIONS",
+    "Attention",
+    "GPTNeoX",
+    "KACache",
+    "KVCache",
+    "LayerCache",
+    "ModelConfig",
+    "generate",
+    "register_attention",
+]

@@ -1,0 +1,130 @@
+"""Decode caches: one object per attention layer, holding preallocated fixed-shape buffers.
+
+A cache owns how attention reads its past: `attend(q, k, v)` stores what the new tokens leave
+behind and returns their attention outputs. Every cache reports its exact size, summed from the
+tensors it holds (`nbytes`). Buffers never change shape while decoding, so a decode step can later
+be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_mask(n_new: int, n_total: int, device: torch.device) -> Tensor:
+    """Boolean (n_new, n_total) mask: new token i (at position n_total - n_new + i) sees j <= its position."""
+    rows = torch.arange(n_new, device=device)[:, None] + (n_total - n_new)
+    return torch.arange(n_total, device=device)[None, :] <= rows
+
+
+def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA where q holds the last q.shape[-2] positions of k/v."""
+    n_new, n_total = q.shape[-2], k.shape[-2]
+    if n_new == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    if n_new == n_total:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_new, n_total, q.device))
+
+
+class LayerCache:
+    """Base class: a fill length over preallocated buffers, sized `(batch_size, ..., max_len, ...)`."""
+
+    def __init__(self, batch_size: int, max_len: int) -> None:
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+        self.buffers: dict[str, Tensor] = {}
+
+    def nbytes(self) -> int:
+        """Bytes held by this cache, measured from its tensors."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    def bytes_per_token(self) -> float:
+        """Bytes per cached token (per sequence) for this layer."""
+        return self.nbytes() / (self.batch_size * self.max_len)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def _take(self, n_new: int) -> slice:
+        if self.length + n_new > self.max_len:
+            raise ValueError(f"cache overflow: {self.length} + {n_new} tokens > max_len={self.max_len}")
+        span = slice(self.length, self.length + n_new)
+        self.length += n_new
+        return span
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store the new tokens and return their attention outputs; q, k, v are (B, nh, T, hs)."""
+        raise NotImplementedError
+
+
+class KVCache(LayerCache):
+    """The standard cache: keys and values, (B, nh, max_len, hs) each."""
+
+    def __init__(
+        self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None
+    ) -> None:
+        super().__init__(batch_size, max_len)
+        shape = (batch_size, n_head, max_len, head_size)
+        self.buffers = {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+        }
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Write keys/values of new tokens (also used to fill layers an early exit skipped)."""
+        span = self._take(k.shape[-2])
+        self.buffers["k"][:, :, span] = k
+        self.buffers["v"][:, :, span] = v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.append(k, v)
+        keys = self.buffers["k"][:, :, : self.length]
+        values = self.buffers["v"][:, :, : self.length]
+        return attend_causal(q, keys, values)
+
+
+class KACache(LayerCache):
+    """The KA cache: keys and past attention outputs in place of values, (B, nh, max_len, hs) each.
+
+    A new token attends over `[V'(A[0]), ..., V'(A[t-1]), V[t]]` where `V' = adapter` (identity when
+    None). The adapter is applied once, when A[t] is made, and the cache keeps `V'(A[t])`: the same
+    bytes as keeping A[t], and the past never has to be re-adapted at each step.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_head: int,
+        head_size: int,
+        adapter: Callable[[Tensor], Tensor] | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(batch_size, max_len)
+        shape = (batch_size, n_head, max_len, head_size)
+        self.adapter = adapter
+        self.buffers = {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "a": torch.zeros(shape, device=device, dtype=dtype),
+        }
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # Token by token: each output becomes a value for the tokens after it.
+        outputs = []
+        for t in range(q.shape[-2]):
+            span = self._take(1)
+            self.buffers["k"][:, :, span] = k[:, :, t : t + 1]
+            self.buffers["a"][:, :, span] = v[:, :, t : t + 1]  # own V at the diagonal
+            keys = self.buffers["k"][:, :, : self.length]
+            values = self.buffers["a"][:, :, : self.length]
+            a_t = F.scaled_dot_product_attention(q[:, :, t : t + 1], keys, values)
+            self.buffers["a"][:, :, span] = a_t if self.adapter is None else self.adapter(a_t)
+            outputs.append(a_t)
+        return torch.cat(outputs, dim=-2)

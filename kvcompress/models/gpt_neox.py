@@ -1,0 +1,206 @@
+"""GPT-NeoX / Pythia in plain PyTorch.
+
+Module names follow Hugging Face's `GPTNeoXModel` so that weights convert by name. Attention
+variants register by name (`@register_attention("...")`) and are picked by `ModelConfig.attention`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvcompress.models.caches import KACache, KVCache, LayerCache
+from kvcompress.models.config import ModelConfig
+
+ATTENTIONS: dict[str, type[Attention]] = {}
+
+# Auxiliary per-forward outputs that layers may add to (e.g. {"recon": [...]}), keyed by loss name.
+Aux = dict[str, list[Tensor]]
+
+
+def register_attention(name: str):
+    def wrap(cls: type[Attention]) -> type[Attention]:
+        ATTENTIONS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding on the first `rotary_ndims` dims of each head (GPT-NeoX's `rotary_pct`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.rotary_ndims
+        inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_positions = cfg.max_position_embeddings
+
+    def forward(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(start, start + length, device=device, dtype=torch.float)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # (T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, nh, T, hs); rotates the first cos.shape[-1] dims, passes the rest through."""
+    rd = cos.shape[-1]
+    if rd == 0:
+        return x
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+@register_attention("standard")
+class Attention(nn.Module):
+    """Multi-head causal self-attention with fused, per-head interleaved QKV (HF layout)."""
+
+    name: ClassVar[str]
+    # Cache kinds this attention can decode with; the first is its own ("native") cache.
+    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka")
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.query_key_value = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def split_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        cos, sin = rope
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def merge_heads(self, a: Tensor) -> Tensor:
+        B, _, T, _ = a.shape
+        return a.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, C)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
+        """Uncached attention over the whole sequence; returns A = P V, (B, nh, T, hs)."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: LayerCache | None = None,
+        aux: Aux | None = None,
+    ) -> Tensor:
+        q, k, v = self.split_qkv(x, rope)
+        a = self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
+        return self.dense(self.merge_heads(a))
+
+    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
+        if kind == "kv":
+            return KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
+        if kind == "ka":
+            adapter = getattr(self, "ka_adapter", None)
+            return KACache(batch_size, max_len, self.n_head, self.head_size, adapter, device, dtype)
+        raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.n_embd, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        if cfg.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {cfg.attention!r}; registered: {sorted(ATTENTIONS)}")
+        self.parallel = cfg.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attention = ATTENTIONS[cfg.attention](cfg, layer_idx, **cfg.attention_kwargs)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, cache: LayerCache | None = None, aux: Aux | None = None) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, cache, aux)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_in = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_layer_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.embed_out = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied
+        self.rotary = RotaryEmbedding(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        caches: list[LayerCache] | None = None,
+        aux: Aux | None = None,
+    ) -> Tensor:
+        """Logits (B, T, vocab). With `caches`, input_ids continue the cached sequence."""
+        return self.embed_out(self.final_layer_norm(self.trunk(input_ids, caches, aux)))
+
+    def trunk(self, input_ids: Tensor, caches: list[LayerCache] | None = None, aux: Aux | None = None) -> Tensor:
+        start = caches[0].length if caches else 0
+        T = input_ids.shape[1]
+        if start + T > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
+            )
+        rope = self.rotary(start, T, input_ids.device)
+        x = self.embed_in(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, caches[i] if caches else None, aux)
+        return x
+
+    def build_caches(
+        self, batch_size: int, max_len: int, kind: str = "native", device=None, dtype=None
+    ) -> list[LayerCache]:
+        """One cache per layer; `kind="native"` takes each attention's own cache."""
+        if max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+        param = self.embed_out.weight
+        device = device or param.device
+        dtype = dtype or param.dtype
+        caches = []
+        for layer in self.layers:
+            attn = layer.attention
+            layer_kind = attn.cache_kinds[0] if kind == "native" else kind
+            if layer_kind not in attn.cache_kinds:
+                raise ValueError(
+                    f"cache {kind!r} cannot serve attention {attn.name!r} (it serves {list(attn.cache_kinds)})"
+                )
+            caches.append(attn.build_cache(layer_kind, batch_size, max_len, device, dtype))
+        return caches
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,123 @@
+"""Convert between our GPTNeoX and Hugging Face `GPTNeoXForCausalLM` (module names match)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcompress.models.config import ModelConfig
+from kvcompress.models.gpt_neox import GPTNeoX
+
+HF_PREFIX = "gpt_neox."
+# The output head is `embed_out` in Pythia checkpoints and `lm_head` in transformers >= 5.
+HEAD_NAMES = {"lm_head.weight": "embed_out.weight"}
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rotary_pct = rope.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 0.25))
+    rotary_base = rope.get("rope_theta", getattr(hf_config, "rotary_emb_base", 10000.0))
+    if getattr(hf_config, "tie_word_embeddings", False):
+        raise ValueError("tied embeddings are not GPT-NeoX; this config cannot be converted")
+    fields = dict(
+        name=getattr(hf_config, "_name_or_path", "") or "hf",
+        vocab_size=hf_config.vocab_size,
+        n_layer=hf_config.num_hidden_layers,
+        n_embd=hf_config.hidden_size,
+        n_head=hf_config.num_attention_heads,
+        intermediate_size=hf_config.intermediate_size,
+        rotary_pct=float(rotary_pct),
+        rotary_base=float(rotary_base),
+        max_position_embeddings=hf_config.max_position_embeddings,
+        layer_norm_eps=hf_config.layer_norm_eps,
+        use_parallel_residual=hf_config.use_parallel_residual,
+    )
+    return ModelConfig(**{**fields, **overrides})
+
+
+def config_to_hf(cfg: ModelConfig):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.intermediate_size,
+        rotary_pct=cfg.rotary_pct,
+        rotary_emb_base=cfg.rotary_base,
+        max_position_embeddings=cfg.max_position_embeddings,
+        layer_norm_eps=cfg.layer_norm_eps,
+        use_parallel_residual=cfg.use_parallel_residual,
+        tie_word_embeddings=False,
+        hidden_act="gelu",
+    )
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in hf_state.items():
+        if key.startswith(HF_PREFIX):
+            key = key[len(HF_PREFIX) :]
+        key = HEAD_NAMES.get(key, key)
+        if "rotary_emb" in key or key.endswith((".masked_bias", ".attention.bias")):
+            continue  # recomputed buffers in older checkpoints
+        out[key] = value
+    return out
+
+
+def from_hf_model(hf_model: Any, **overrides: Any) -> GPTNeoX:
+    """Our model with the weights of a `transformers.GPTNeoXForCausalLM` object.
+
+    `overrides` change the config (e.g. `attention="vdproj"`); weights the new attention adds keep
+    their initial values (load is non-strict only for them).
+    """
+    cfg = config_from_hf(hf_model.config, **overrides)
+    model = GPTNeoX(cfg)
+    load_hf_weights(model, hf_model.state_dict())
+    return model.to(next(hf_model.parameters()).dtype)
+
+
+def load_hf_weights(model: GPTNeoX, hf_state: dict[str, torch.Tensor]) -> None:
+    """Load HF-named weights; every HF weight must be used, and only method-added ones may be missing."""
+    missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_state), strict=False)
+    if unexpected:
+        raise ValueError(f"weights not used by the model: {unexpected[:5]}...")
+    base_keys = set(GPTNeoX(model.cfg.with_(attention="standard", attention_kwargs={})).state_dict())
+    lost = [k for k in missing if k in base_keys]
+    if lost:
+        raise ValueError(f"checkpoint lacks base weights: {lost[:5]}...")
+
+
+def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeoX:
+    """Load from a local `save_pretrained` directory or, when online, a Hub name."""
+    from transformers import GPTNeoXForCausalLM
+
+    path = Path(name_or_path)
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub")
+    hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path), torch_dtype=torch.float32)
+    return from_hf_model(hf_model, **overrides)
+
+
+def to_hf_model(model: GPTNeoX):
+    """A `GPTNeoXForCausalLM` with this model's weights (standard attention only)."""
+    from transformers import GPTNeoXForCausalLM
+
+    if model.cfg.attention != "standard":
+        raise ValueError(f"attention {model.cfg.attention!r} has no Hugging Face equivalent to export to")
+    hf_model = GPTNeoXForCausalLM(config_to_hf(model.cfg))
+    head_key = "lm_head.weight" if "lm_head.weight" in hf_model.state_dict() else "embed_out.weight"
+    state = {(head_key if k == "embed_out.weight" else HF_PREFIX + k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise ValueError(f"export mismatch: missing={missing} unexpected={unexpected}")
+    return hf_model.to(next(model.parameters()).dtype)
+
+
+def save_pretrained(model: GPTNeoX, directory: str | os.PathLike) -> None:
+    """Write a Hugging Face directory (config.json + model.safetensors)."""
+    to_hf_model(model).save_pretrained(str(directory), safe_serialization=True)
