@@ -1,5 +1,6 @@
 """Plain-PyTorch models and caches (no Lightning or Hydra here)."""
 
+from kvcompress.models.build import build_model
 from kvcompress.models.caches import KACache, KVCache, LayerCache
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.generate import generate
@@ -8,6 +9,7 @@ from kvcompress.models.gpt_neox import ATTENTIONS, Attention, GPTNeoX, register_
 __all__ = [
     "ATTENTIONS",
     "Attention",
+    "build_model",
     "GPTNeoX",
     "KACache",
     "KVCache",

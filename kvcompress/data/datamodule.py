@@ -1,0 +1,266 @@
+"""`TokenWindowDataModule`: non-overlapping windows of `seq_len + 1` tokens from WikiText, the Pile or a local file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from kvcompress.data.sources import ALL, SOURCES, TRAIN, VAL, SplitSource, default_cache_dir, load_tokens, resolve_source
+from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, TextTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenWindowDataset(Dataset):
+    """Windows `tokens[i * window : (i + 1) * window]` for the window numbers `indices`, as int64 tensors."""
+
+    def __init__(self, tokens: np.ndarray, window: int, indices: np.ndarray) -> None:
+        self.tokens = tokens
+        self.window = window
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = int(self.indices[i]) * self.window
+        return torch.from_numpy(self.tokens[start : start + self.window].astype(np.int64))
+
+    def subset(self, positions: Sequence[int] | np.ndarray | torch.Tensor) -> TokenWindowDataset:
+        """The windows at `positions` of this dataset (0 <= p < len(self))."""
+        pos = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
+        if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= len(self))):
+            raise ValueError(f"positions must be a 1-D list of ints in [0, {len(self)}), got shape {pos.shape}")
+        return TokenWindowDataset(self.tokens, self.window, self.indices[pos])
+
+
+class TokenWindowDataModule(LightningDataModule):
+    """Language-model windows: each sample is `seq_len + 1` consecutive tokens (input `x[:-1]`, target `x[1:]`),
+    batches are int64 tensors of shape (batch, seq_len + 1). Windows never overlap.
+
+    Sources (`source`): "wikitext-2", "wikitext-103" (own validation split), "pile" (Hub `NeelNanda/pile-10k`),
+    "text" / "jsonl" (a local file at `path`; jsonl reads field `text_field`). A local copy under `data_dir`
+    (default `$KVCOMPRESS_DATA_DIR`) is used without asking the Hub; offline WikiText-2 trains on test.txt and
+    validates on valid.txt. `num_samples` windows in total (None: all), `val_fraction` of them for validation;
+    with a validation split the counts are taken from each split (capped, with a warning, by what exists),
+    otherwise the windows are split by a seeded shuffle. Token streams are cached in `cache_dir`.
+
+    Nothing is loaded before `prepare_data()` / `setup()`; `setup("fit")` raises every data error before training.
+    """
+
+    def __init__(
+        self,
+        source: str = "wikitext-2",
+        seq_len: int = 128,
+        num_samples: int | None = 10_000,
+        val_fraction: float = 0.1,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        data_dir: str | os.PathLike | None = None,
+        tokenizer: str = DEFAULT_TOKENIZER,
+        path: str | os.PathLike | None = None,
+        text_field: str = "text",
+        hub_id: str | None = None,
+        hub_config: str | None = None,
+        hub_revision: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"unknown data source {source!r}; known sources: {sorted(SOURCES)}")
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if int(seq_len) < 1 or int(batch_size) < 1 or int(num_workers) < 0:
+            raise ValueError(f"need seq_len >= 1, batch_size >= 1, num_workers >= 0 (got {seq_len}, {batch_size}, "
+                             f"{num_workers})")
+        if source in ("text", "jsonl") and path is None:
+            raise ValueError(f"source {source!r} needs path=<a local {source} file>")
+        self.save_hyperparameters()
+        self.source = source
+        self.seq_len = int(seq_len)
+        self.num_samples = None if num_samples is None else int(num_samples)
+        self.val_fraction = float(val_fraction)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.data_dir = data_dir
+        self.tokenizer_name = tokenizer
+        self.path = path
+        self.text_field = text_field
+        self.hub_id, self.hub_config, self.hub_revision = hub_id, hub_config, hub_revision
+        self.pin_memory = pin_memory
+        if self.num_samples is not None:
+            self._requested_counts()  # fail now on num_samples too small to split
+
+        self.tokenizer: TextTokenizer | None = None
+        self.base_train_dataset: TokenWindowDataset | None = None  # every selected train window
+        self.train_dataset: TokenWindowDataset | None = None  # the windows trained on (a subset after set_train_indices)
+        self.val_dataset: TokenWindowDataset | None = None
+        self.info: dict[str, Any] = {}  # origins, token and window counts: for logs and reports
+        self._train_positions: np.ndarray | None = None
+
+    # --- loading -------------------------------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Tokens per sample: `seq_len + 1`."""
+        return self.seq_len + 1
+
+    def _requested_counts(self) -> tuple[int, int]:
+        """(train, val) windows asked for by `num_samples` and `val_fraction`."""
+        assert self.num_samples is not None
+        n_val = max(1, round(self.num_samples * self.val_fraction))
+        n_train = self.num_samples - n_val
+        if n_train < 1:
+            raise ValueError(f"num_samples={self.num_samples} with val_fraction={self.val_fraction} leaves no "
+                             "training window")
+        return n_train, n_val
+
+    def _splits(self) -> tuple[TextTokenizer, dict[str, SplitSource]]:
+        tok = load_tokenizer(self.tokenizer_name, data_dir=self.data_dir)
+        splits = resolve_source(
+            self.source, path=self.path, data_dir_=self.data_dir, hub_id=self.hub_id, hub_config=self.hub_config,
+            hub_revision=self.hub_revision, text_field=self.text_field,
+        )
+        return tok, splits
+
+    def prepare_data(self) -> None:
+        """Tokenize and cache every split (once, on one process); `setup` then only reads the cache."""
+        tok, splits = self._splits()
+        for split in splits.values():
+            load_tokens(split, tok, self.cache_dir)
+
+    def _windows(self, split: SplitSource, tokens: np.ndarray) -> int:
+        n = tokens.size // self.window
+        if n == 0:
+            raise ValueError(
+                f"data set {split.dataset!r} ({split.split}, {split.origin}) has {tokens.size} tokens: not one "
+                f"window of seq_len + 1 = {self.window} tokens. Use more data or a smaller seq_len."
+            )
+        return n
+
+    def _pick(self, split: SplitSource, n_avail: int, n_want: int | None, stream: int) -> np.ndarray:
+        """`n_want` of the `n_avail` windows (seeded choice, in stream order); all of them when fewer exist."""
+        if n_want is None or n_want >= n_avail:
+            if n_want is not None and n_want > n_avail:
+                log.warning(
+                    "%s %s (%s): %d windows of %d tokens were asked for (num_samples=%s, val_fraction=%s) but only "
+                    "%d exist; using all %d",
+                    split.dataset, split.split, split.origin, n_want, self.window, self.num_samples,
+                    self.val_fraction, n_avail, n_avail,
+                )
+            return np.arange(n_avail)
+        rng = np.random.default_rng([self.seed, stream])
+        return np.sort(rng.permutation(n_avail)[:n_want])
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the token streams (from the cache, tokenizing on a miss) and select the windows.
+
+        Raises before any training: DataUnavailableError (no local copy and no Hub), ValueError (zero windows,
+        too few windows to split, bad jsonl)."""
+        if self.val_dataset is not None:
+            return
+        tok, splits = self._splits()
+        loaded = {name: load_tokens(split, tok, self.cache_dir) for name, split in splits.items()}
+        n_windows = {name: self._windows(splits[name], tokens) for name, (tokens, _) in loaded.items()}
+
+        if ALL in splits:  # one split: choose the windows, then a seeded shuffle sends val_fraction of them to val
+            split, n_avail = splits[ALL], n_windows[ALL]
+            chosen = self._pick(split, n_avail, self.num_samples, 0)
+            if n_avail < 2:
+                raise ValueError(f"data set {split.dataset!r} ({split.origin}) has {loaded[ALL][0].size} tokens: "
+                                 f"{n_avail} window of {self.window} tokens, at least 2 are needed (train + val)")
+            if self.num_samples is not None and len(chosen) == self.num_samples:
+                n_val = self._requested_counts()[1]
+            else:
+                n_val = min(max(1, round(len(chosen) * self.val_fraction)), len(chosen) - 1)
+            order = np.random.default_rng([self.seed, 1]).permutation(chosen)
+            train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+            train_tokens = val_tokens = loaded[ALL][0]
+        else:  # own validation split: count from each
+            want_train, want_val = self._requested_counts() if self.num_samples is not None else (None, None)
+            train_idx = self._pick(splits[TRAIN], n_windows[TRAIN], want_train, 0)
+            val_idx = self._pick(splits[VAL], n_windows[VAL], want_val, 1)
+            train_tokens, val_tokens = loaded[TRAIN][0], loaded[VAL][0]
+
+        self.tokenizer = tok
+        self.base_train_dataset = TokenWindowDataset(train_tokens, self.window, train_idx)
+        self.val_dataset = TokenWindowDataset(val_tokens, self.window, val_idx)
+        self.train_dataset = self.base_train_dataset
+        if self._train_positions is not None:
+            self.train_dataset = self.base_train_dataset.subset(self._train_positions)
+        self.info = {
+            "source": self.source,
+            "seq_len": self.seq_len,
+            "tokenizer": tok.source,
+            "splits": {
+                name: {"origin": s.origin, "tokens": int(loaded[name][0].size), "windows": n_windows[name],
+                       "cached": loaded[name][1]}
+                for name, s in splits.items()
+            },
+            "train_windows": len(self.train_dataset),
+            "val_windows": len(self.val_dataset),
+        }
+        log.info("data: %s", self.info)
+
+    # --- hooks and sizes -----------------------------------------------------------------------------------------
+
+    def set_train_indices(self, positions: Sequence[int] | np.ndarray | torch.Tensor | None) -> None:
+        """Train on a subset of the train windows (e.g. mined hard examples): `positions` index the full train set
+        (`base_train_dataset`, in its order); None restores it. Takes effect for dataloaders built afterwards."""
+        self._train_positions = None if positions is None else np.asarray(
+            positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64
+        )
+        if self.base_train_dataset is not None:
+            base = self.base_train_dataset
+            self.train_dataset = base if self._train_positions is None else base.subset(self._train_positions)
+
+    def _ready(self) -> None:
+        if self.train_dataset is None or self.val_dataset is None:
+            raise RuntimeError("call setup() first")
+
+    @property
+    def num_train_windows(self) -> int:
+        self._ready()
+        return len(self.train_dataset)  # type: ignore[arg-type]
+
+    @property
+    def num_val_windows(self) -> int:
+        self._ready()
+        return len(self.val_dataset)  # type: ignore[arg-type]
+
+    @property
+    def vocab_size(self) -> int:
+        self._ready()
+        return self.tokenizer.vocab_size  # type: ignore[union-attr]
+
+    # --- loaders -------------------------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self, shuffle: bool = True) -> DataLoader:
+        """Shuffled with a seeded generator; `shuffle=False` gives stream order (e.g. to score every window)."""
+        self._ready()
+        return self._loader(self.train_dataset, self.batch_size, shuffle)  # type: ignore[arg-type]
+
+    def val_dataloader(self) -> DataLoader:
+        self._ready()
+        return self._loader(self.val_dataset, self.eval_batch_size, False)  # type: ignore[arg-type]

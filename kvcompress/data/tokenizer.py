@@ -1,0 +1,127 @@
+"""The Pythia (GPT-NeoX-20B) tokenizer: offline copy first, the Hub otherwise."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
+EOS_TOKEN = "<|endoftext|>"
+# Every Pythia model (and GPT-NeoX-20B) shares one tokenizer; the offline copy lives here under the data dir.
+_LOCAL_TOKENIZERS = {r"EleutherAI/(pythia-[\w.-]+|gpt-neox-20b)": "tokenizers/gpt-neox-20b/tokenizer.json"}
+
+
+class DataUnavailableError(FileNotFoundError):
+    """Neither a local copy nor the Hub can provide a tokenizer or a data set."""
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """True when the environment forbids the Hugging Face Hub (then we never try it: no 50 s retries)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in _OFFLINE_VARS)
+
+
+def offline_reason() -> str:
+    """E.g. "HF_HUB_OFFLINE=1 is set" (call only when `hub_offline()`)."""
+    set_vars = [f"{v}={os.environ[v]}" for v in _OFFLINE_VARS if os.environ.get(v, "").strip().lower() in _TRUE]
+    return " and ".join(set_vars) + " is set"
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The offline data folder: the argument, else `$KVCOMPRESS_DATA_DIR`, else None."""
+    value = explicit if explicit is not None else os.environ.get("KVCOMPRESS_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+class TextTokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer` with the few things the project needs.
+
+    Strings such as "<|endoftext|>" or "assistant" inside the text are encoded as plain text (like tiktoken's
+    `encode_ordinary`); the EOS id is only inserted explicitly (between documents).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, name: str, source: str) -> None:
+        tokenizer.encode_special_tokens = True  # the offline copy marks "assistant"/"RWKV" special: keep them text
+        self._tok = tokenizer
+        self.name = name
+        self.source = source  # the file or Hub id it came from
+        eos = tokenizer.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"tokenizer {name!r} has no {EOS_TOKEN!r} token")
+        self.eos_token_id: int = eos
+        # The embedding must cover the largest id (the added whitespace / special tokens come after the BPE ones).
+        self.vocab_size: int = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the tokenizer's full serialization: same hash <=> same token ids for any text."""
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many strings at once (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(name={self.name!r}, source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+@functools.lru_cache(maxsize=8)
+def _from_file(path: str) -> Tokenizer:
+    return Tokenizer.from_file(path)
+
+
+def local_tokenizer_path(name: str, data_dir_: str | os.PathLike | None = None) -> Path | None:
+    """Where the offline copy of tokenizer `name` would be (None when no data dir or unknown name)."""
+    root = data_dir(data_dir_)
+    for pattern, rel in _LOCAL_TOKENIZERS.items():
+        if root is not None and re.fullmatch(pattern, name):
+            return root / rel
+    return None
+
+
+def load_tokenizer(name: str = DEFAULT_TOKENIZER, data_dir: str | os.PathLike | None = None) -> TextTokenizer:
+    """Load a tokenizer: `name` is a tokenizer.json path, a folder holding one, or a Hub model id.
+
+    A Pythia / GPT-NeoX id uses `$KVCOMPRESS_DATA_DIR/tokenizers/gpt-neox-20b/tokenizer.json` when it exists,
+    without asking the Hub. Otherwise the Hub is tried unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        return TextTokenizer(_from_file(str(path.resolve())), name, str(path))
+    local = local_tokenizer_path(name, data_dir)
+    if local is not None and local.is_file():
+        return TextTokenizer(_from_file(str(local.resolve())), name, str(local))
+    if local is not None:
+        where = f"no local copy at {local} (nor a file/folder {str(path)!r})"
+    else:
+        where = f"no local file/folder {str(path)!r} (and no offline copy: KVCOMPRESS_DATA_DIR unset or unknown name)"
+    if hub_offline():
+        raise DataUnavailableError(f"tokenizer {name!r}: {where}; the Hub id {name!r} is not tried: {offline_reason()}")
+    try:
+        tok = Tokenizer.from_pretrained(name)
+    except Exception as e:  # network, missing repo, no tokenizer.json...
+        raise DataUnavailableError(f"tokenizer {name!r}: {where}; loading Hub id {name!r} failed: {e}") from e
+    return TextTokenizer(tok, name, f"hub:{name}")

@@ -1,0 +1,204 @@
+"""Evaluation metrics, model-agnostic plain PyTorch (METHODS.md "Metrics used across the reports").
+
+- `token_losses`: per-token CE of one teacher-forced (parallel) forward.
+- `autoregressive_token_losses`: the same tokens fed one at a time against a cache; for a lossy cache
+  (KA) this is where the train/eval gap shows.
+- `perplexity`, `position_ppl`: PPL and position-bucketed PPL of a (B, T-1) loss tensor.
+- `decode_tokens_per_second`, `cache_bytes_per_token`: speed and size of a cache.
+- `reversal_probe`: PPL of synthetic "A is the R of B." facts vs their reversals.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvcompress.models.generate import generate
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "autoregressive_token_losses",
+    "cache_bytes_per_token",
+    "decode_tokens_per_second",
+    "perplexity",
+    "position_ppl",
+    "reversal_facts",
+    "reversal_probe",
+    "token_losses",
+]
+
+DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _per_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """(B, T, V) logits, (B, T) targets -> (B, T) CE in fp32."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+@torch.no_grad()
+def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """Per-token CE (B, T-1) of a teacher-forced forward: inputs ids[:, :-1], targets ids[:, 1:]."""
+    input_ids = input_ids.to(_device(model))
+    return _per_token_ce(model(input_ids[:, :-1]), input_ids[:, 1:])
+
+
+@torch.no_grad()
+def autoregressive_token_losses(model: nn.Module, input_ids: Tensor, cache: str = "native") -> Tensor:
+    """Per-token CE (B, T-1), decoding token by token with `cache`.
+
+    Every forward takes exactly one new position against the cache (teacher-forced: the true tokens are
+    fed, one at a time); the logits of step t are scored against token t+1.
+    """
+    input_ids = input_ids.to(_device(model))
+    B, T = input_ids.shape
+    caches = model.build_caches(B, T - 1, kind=cache)
+    logits = [model(input_ids[:, t : t + 1], caches)[:, -1] for t in range(T - 1)]  # each (B, V)
+    return _per_token_ce(torch.stack(logits, dim=1), input_ids[:, 1:])
+
+
+def perplexity(losses: Tensor) -> float:
+    """exp(mean CE) over all given token losses."""
+    return math.exp(losses.float().mean().item())
+
+
+def position_ppl(
+    losses: Tensor, buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS
+) -> dict[str, float]:
+    """PPL per bucket [lo, hi) of loss positions (column t = loss of predicting token t+1), keys "lo-hi".
+
+    Buckets that start at or beyond the number of positions are skipped; a bucket running past the end is
+    clipped (e.g. 127 losses of a 128-token sequence: "96-128" covers positions 96..126).
+    """
+    n = losses.shape[-1]
+    return {f"{lo}-{hi}": perplexity(losses[..., lo : min(hi, n)]) for lo, hi in buckets if lo < n}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode_tokens_per_second(
+    model: nn.Module,
+    batch_size: int,
+    prompt_len: int,
+    new_tokens: int,
+    cache: str = "native",
+    warmup: int = 1,
+    repeats: int = 1,
+    seed: int = 0,
+) -> float:
+    """Greedy generation throughput with `cache`: batch_size * new_tokens / seconds of `generate`.
+
+    The timed call includes the prompt prefill; prompts are random ids (seeded). CUDA is synchronized
+    around the timed region. `repeats` timed runs are averaged (after `warmup` untimed ones).
+    """
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError("new_tokens and repeats must be >= 1")
+    device = _device(model)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
+    for _ in range(warmup):
+        generate(model, prompt, new_tokens, cache=cache)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        generate(model, prompt, new_tokens, cache=cache)
+    _sync(device)
+    return batch_size * new_tokens * repeats / (time.perf_counter() - start)
+
+
+def cache_bytes_per_token(model: nn.Module, cache: str = "native", max_len: int = 128) -> float:
+    """Cache bytes per token per sequence, all layers, measured from the cache tensors (batch 1)."""
+    max_len = min(max_len, model.cfg.max_position_embeddings)
+    caches = model.build_caches(1, max_len, kind=cache)
+    return sum(c.nbytes() for c in caches) / max_len
+
+
+# --- Reversal-curse probe --------------------------------------------------------------------------
+
+FIRST_NAMES = (
+    "Alice", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas",
+    "Keira", "Liam", "Maya", "Noah", "Olive", "Pablo", "Quinn", "Rosa", "Simon", "Tara",
+    "Umar", "Vera", "Wes", "Xena", "Yusuf", "Zoe",
+)  # fmt: skip
+LAST_NAMES = (
+    "Moreno", "Tally", "Ashford", "Brennan", "Castillo", "Dunmore", "Everly", "Fairbanks", "Galloway",
+    "Hartwell", "Ingram", "Jarvis", "Kessler", "Lindqvist", "Marlowe", "Northcott", "Okafor", "Pemberton",
+    "Quimby", "Rourke", "Stanway", "Thorne", "Underhill", "Vasquez", "Whitlock", "Yardley",
+)  # fmt: skip
+# (relation of A to B, relation of B to A)
+RELATIONS = (
+    ("mother", "child"),
+    ("father", "child"),
+    ("teacher", "student"),
+    ("employer", "employee"),
+    ("doctor", "patient"),
+    ("mentor", "apprentice"),
+    ("landlord", "tenant"),
+    ("coach", "player"),
+    ("grandmother", "grandchild"),
+    ("guardian", "ward"),
+)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def reversal_facts(n_facts: int = 100, seed: int = 0) -> list[tuple[str, str]]:
+    """(forward, backward) statement pairs, e.g. ("Alice Moreno is the mother of Ben Tally.",
+    "Ben Tally is the child of Alice Moreno."); deterministic under `seed`, distinct people per fact."""
+    rng = random.Random(seed)
+    people = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    if 2 * n_facts > len(people):
+        raise ValueError(f"n_facts={n_facts} needs {2 * n_facts} distinct names; only {len(people)} exist")
+    chosen = rng.sample(people, 2 * n_facts)
+    facts = []
+    for i in range(n_facts):
+        a, b = chosen[2 * i], chosen[2 * i + 1]
+        rel, inverse = rng.choice(RELATIONS)
+        facts.append((f"{a} is the {rel} of {b}.", f"{b} is the {inverse} of {a}."))
+    return facts
+
+
+def _statement_ppl(model: nn.Module, tokenizer: Tokenizer, statements: Sequence[str], cache: str | None) -> float:
+    """PPL over all predicted tokens of the statements (each scored alone, its first token unpredicted)."""
+    total, count = 0.0, 0
+    for text in statements:
+        ids = torch.tensor([tokenizer.encode(text)], dtype=torch.long)
+        if ids.shape[1] < 2:
+            continue
+        losses = token_losses(model, ids) if cache is None else autoregressive_token_losses(model, ids, cache)
+        total += losses.sum().item()
+        count += losses.numel()
+    if count == 0:
+        raise ValueError("no statement encodes to 2 or more tokens")
+    return math.exp(total / count)
+
+
+def reversal_probe(
+    model: nn.Module, tokenizer: Tokenizer, n_facts: int = 100, seed: int = 0, cache: str | None = None
+) -> dict[str, Any]:
+    """PPL of "A is the R of B." (forward) vs "B is the R' of A." (backward) statements.
+
+    Teacher-forced with `cache=None`, else autoregressive with that cache. Returns forward_ppl,
+    backward_ppl, ratio = forward / backward, gap = backward - forward (report 000: 14222.9, 7364.4,
+    1.9313, -6858.5).
+    """
+    facts = reversal_facts(n_facts, seed)
+    forward = _statement_ppl(model, tokenizer, [f for f, _ in facts], cache)
+    backward = _statement_ppl(model, tokenizer, [b for _, b in facts], cache)
+    return {"forward_ppl": forward, "backward_ppl": backward, "ratio": forward / backward, "gap": backward - forward}

@@ -1,0 +1,117 @@
+"""KA-Attention (METHODS.md section 2): attention that mixes past attention outputs instead of past values.
+
+Per head, with P = softmax(causal(Q K^T / sqrt(hs))):
+
+    A[n] = sum_{j<n} P[n, j] A[j] + P[n, n] V[n]        (A[0] = V[0])
+
+The recurrence is linear in A: (I - L) A = diag(P) V with L = strict_lower(P), a unit-lower-triangular
+system. `ka_attention` solves it exactly and in parallel over positions; `ka_attention_reference` is the
+literal token loop, kept for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from kvcompress.models.caches import KACache, LayerCache
+from kvcompress.models.gpt_neox import Attention, Aux, register_attention
+
+__all__ = ["KAAttention", "ka_attention", "ka_attention_autograd", "ka_attention_reference", "ka_probs"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, else the input dtype (fp32 / fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def ka_probs(q: Tensor, k: Tensor) -> Tensor:
+    """Causal attention probabilities P (B, nh, T, T) in the compute dtype; q, k (B, nh, T, hs)."""
+    ct = _compute_dtype(q.dtype)
+    T, hs = q.shape[-2], q.shape[-1]
+    scores = (q.to(ct) * (1.0 / math.sqrt(hs))) @ k.to(ct).mT  # (B, nh, T, T); scale the small side
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill_(mask, float("-inf")).softmax(dim=-1)
+
+
+class _KAFunction(torch.autograd.Function):
+    """Solve (I - L) A = diag(P) V, with a hand-written backward (fewer full (T, T) passes than autograd's)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # all (B, nh, T, hs), compute dtype
+        neg_p = ka_probs(q, k).neg_()  # N = -P, (B, nh, T, T); its diagonal is ignored by the solve
+        diag = -neg_p.diagonal(dim1=-2, dim2=-1)  # P[n, n], (B, nh, T)
+        a = torch.linalg.solve_triangular(neg_p, diag.unsqueeze(-1) * v, upper=False, unitriangular=True)
+        ctx.save_for_backward(q, k, v, neg_p, diag, a)
+        ctx.scale = 1.0 / math.sqrt(q.shape[-1])
+        return a
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, neg_p, diag, a = ctx.saved_tensors
+        # R = diag(P) V; dR = (I - L)^{-T} dA (unit upper-triangular solve on the transposed matrix).
+        grad_r = torch.linalg.solve_triangular(
+            neg_p.mT, grad_a.contiguous(), upper=True, unitriangular=True
+        )  # (B, nh, T, hs)
+        grad_v = diag.unsqueeze(-1) * grad_r
+        # dP: strict lower = dR A^T, diagonal = <dR[n], V[n]>; the upper part is masked out below (P = 0).
+        grad_p = grad_r @ a.mT  # (B, nh, T, T)
+        grad_p.diagonal(dim1=-2, dim2=-1).copy_((grad_r * v).sum(-1))
+        # Softmax backward with N = -P: dS = P (dP - rowsum(P dP)) = -N (dP + rowsum(N dP)).
+        row = (neg_p * grad_p).sum(-1, keepdim=True)  # (B, nh, T, 1)
+        grad_s = grad_p.add_(row).mul_(neg_p)  # = -dS
+        grad_q = (grad_s @ k).mul_(-ctx.scale)
+        grad_k = (grad_s.mT @ q).mul_(-ctx.scale)
+        return grad_q, grad_k, grad_v
+
+
+def ka_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Exact, position-parallel KA-Attention; q, k, v (B, nh, T, hs) -> A (B, nh, T, hs).
+
+    Solves (I - strict_lower(P)) A = diag(P) V with one batched unit-lower-triangular solve in fp32
+    (fp64 stays fp64); differentiable in q, k, v.
+    """
+    ct = _compute_dtype(q.dtype)
+    return _KAFunction.apply(q.to(ct), k.to(ct), v.to(ct)).to(v.dtype)
+
+
+def ka_attention_autograd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Same solve as `ka_attention`, differentiated by autograd (slower; a cross-check for tests)."""
+    ct = _compute_dtype(q.dtype)
+    p = ka_probs(q, k)  # (B, nh, T, T)
+    rhs = p.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)  # (B, nh, T, hs)
+    # Unit diagonal is implied (unitriangular), so only -L's strict lower part is read.
+    return torch.linalg.solve_triangular(-p, rhs, upper=False, unitriangular=True).to(v.dtype)
+
+
+def ka_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The recurrence, token by token (slow; for tests). Shapes as `ka_attention`."""
+    ct = _compute_dtype(q.dtype)
+    p = ka_probs(q, k)  # (B, nh, T, T)
+    vc = v.to(ct)
+    outs: list[Tensor] = []
+    for n in range(q.shape[-2]):
+        a_n = p[..., n, n, None] * vc[..., n, :]  # (B, nh, hs)
+        for j in range(n):
+            a_n = a_n + p[..., n, j, None] * outs[j]
+        outs.append(a_n)
+    return torch.stack(outs, dim=-2).to(v.dtype)
+
+
+@register_attention("ka")
+class KAAttention(Attention):
+    """Standard attention's parameters; the output mixes past outputs A instead of past values V."""
+
+    cache_kinds: ClassVar[tuple[str, ...]] = ("ka",)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
+        return ka_attention(q, k, v)
+
+    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
+        if kind == "ka":  # the model's own cache: no adapter, the cached A are exactly its past outputs
+            return KACache(batch_size, max_len, self.n_head, self.head_size, None, device, dtype)
+        raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")

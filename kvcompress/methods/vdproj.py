@@ -1,0 +1,234 @@
+"""V-DProj: compress V (all heads merged) to `rank` dims; the cache stores the compressed V.
+
+Per layer (METHODS.md section 5): `V_c = V W_down + b` (C -> rank), `V_r = V_c W_up + b` (rank -> C);
+attention uses `V_r`, the cache keeps `V_c`. With `compress_k`, K is compressed the same way on its
+non-rotary dims only (the rotary dims are rotated by position, so no fixed projection of them can be
+folded into the query); the cache then keeps the rotary part of K and the compressed rest.
+
+Decoding never restores cached tokens. Attention is linear in V and softmax rows sum to 1, so per head h
+`P_h V_r[h] = (P_h V_c) W_up_h^T + b_h` (MLA-style "absorption"); for K,
+`q_pass_h . (k_c W_kup_h^T + b_h) = (q_pass_h W_kup_h) . k_c + q_pass_h . b_h`, and the last term is
+the same for every key of a query, so it cancels in the softmax and is dropped.
+
+Aux losses (uncached forward with `aux`): "recon" gets `mean((V - V_r)^2)` per layer; with `compress_k`,
+"recon_k" gets `mean((K_pass - K_pass_r)^2)` per layer (over the non-rotary dims of K).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kvcompress.models.caches import LayerCache, attend_causal, causal_mask
+from kvcompress.models.config import ModelConfig
+from kvcompress.models.gpt_neox import Attention, Aux, register_attention
+
+__all__ = ["VDProjAttention", "VDProjCache", "projection_parameters"]
+
+
+@register_attention("vdproj")
+class VDProjAttention(Attention):
+    """Standard attention whose values (and optionally non-rotary keys) pass through a low-rank bottleneck."""
+
+    cache_kinds: ClassVar[tuple[str, ...]] = ("vdproj",)
+
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rank: int = 320, compress_k: bool = False, k_rank: int | None = None
+    ) -> None:
+        super().__init__(cfg, layer_idx)
+        C = cfg.n_embd
+        if not 1 <= rank <= C:
+            raise ValueError(
+                f"vdproj rank={rank} must be in [1, n_embd={C}] (V of all heads: n_head={cfg.n_head} x "
+                f"head_size={cfg.head_size})"
+            )
+        self.rank = rank
+        self.rotary_ndims = cfg.rotary_ndims
+        self.pass_size = cfg.head_size - cfg.rotary_ndims  # non-rotary dims per head
+        self.v_compress = nn.Linear(C, rank)
+        self.v_restore = nn.Linear(rank, C)
+        self.compress_k = compress_k
+        self.k_rank = k_rank
+        if compress_k:
+            width = cfg.n_head * self.pass_size
+            if k_rank is None:
+                raise ValueError("vdproj compress_k=True needs k_rank (compressed width of the non-rotary K dims)")
+            if not 1 <= k_rank <= width:
+                raise ValueError(
+                    f"vdproj k_rank={k_rank} must be in [1, {width}]: only the non-rotary K dims are compressed, "
+                    f"n_head={cfg.n_head} x (head_size={cfg.head_size} - rotary_ndims={cfg.rotary_ndims})"
+                )
+            self.k_compress = nn.Linear(width, k_rank)
+            self.k_restore = nn.Linear(k_rank, width)
+        elif k_rank is not None:
+            raise ValueError(f"vdproj k_rank={k_rank} given but compress_k=False; set compress_k=True or k_rank=None")
+
+    # --- projections -----------------------------------------------------------------------------------
+    def projections(self) -> list[nn.Linear]:
+        return [self.v_compress, self.v_restore] + ([self.k_compress, self.k_restore] if self.compress_k else [])
+
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """Make every projection the identity with zero bias (needs rank == n_embd, k_rank == non-rotary width)."""
+        if self.rank != self.cfg.n_embd:
+            raise ValueError(f"set_identity needs rank == n_embd={self.cfg.n_embd}, got rank={self.rank}")
+        if self.compress_k and self.k_rank != self.n_head * self.pass_size:
+            raise ValueError(
+                f"set_identity needs k_rank == n_head * non-rotary dims = {self.n_head * self.pass_size}, "
+                f"got k_rank={self.k_rank}"
+            )
+        for lin in self.projections():
+            lin.weight.copy_(torch.eye(lin.out_features, lin.in_features))
+            lin.bias.zero_()
+
+    def compress_v(self, v: Tensor) -> Tensor:
+        """(B, nh, T, hs) -> V_c (B, T, rank)."""
+        return self.v_compress(self.merge_heads(v))
+
+    def restore_v(self, v_c: Tensor) -> Tensor:
+        """V_c (B, T, rank) -> V_r (B, nh, T, hs)."""
+        B, T, _ = v_c.shape
+        return self.v_restore(v_c).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+
+    def k_pass_merged(self, k: Tensor) -> Tensor:
+        """Non-rotary dims of all heads, (B, nh, T, hs) -> (B, T, nh * pass_size)."""
+        B, nh, T, _ = k.shape
+        return k[..., self.rotary_ndims :].transpose(1, 2).reshape(B, T, nh * self.pass_size)
+
+    def compress_k_pass(self, k: Tensor) -> Tensor:
+        """(B, nh, T, hs) -> k_c (B, T, k_rank)."""
+        return self.k_compress(self.k_pass_merged(k))
+
+    def restore_k(self, k_rot: Tensor, k_c: Tensor) -> Tensor:
+        """Rotary part (B, nh, T, rd) + k_c (B, T, k_rank) -> K (B, nh, T, hs)."""
+        B, T, _ = k_c.shape
+        k_pass = self.k_restore(k_c).view(B, T, self.n_head, self.pass_size).transpose(1, 2)  # (B, nh, T, ps)
+        return torch.cat((k_rot, k_pass), dim=-1)
+
+    # --- attention -------------------------------------------------------------------------------------
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
+        """Uncached: attention over restored V (and K); adds reconstruction losses to `aux`."""
+        v_m = self.merge_heads(v)  # (B, T, C)
+        v_r = self.v_restore(self.v_compress(v_m))  # (B, T, C)
+        if aux is not None:
+            aux.setdefault("recon", []).append((v_m - v_r).pow(2).mean())
+        if self.compress_k:
+            k_p = self.k_pass_merged(k)  # (B, T, nh * ps)
+            k_pr = self.k_restore(self.k_compress(k_p))  # (B, T, nh * ps)
+            if aux is not None:
+                aux.setdefault("recon_k", []).append((k_p - k_pr).pow(2).mean())
+            B, T, _ = k_pr.shape
+            k_pr = k_pr.view(B, T, self.n_head, self.pass_size).transpose(1, 2)  # (B, nh, T, ps)
+            k = torch.cat((k[..., : self.rotary_ndims], k_pr), dim=-1)
+        B, T, _ = v_r.shape
+        v = v_r.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: LayerCache | None = None,
+        aux: Aux | None = None,
+    ) -> Tensor:
+        q, k, v = self.split_qkv(x, rope)
+        if cache is None:
+            a = self.attend(q, k, v, aux)
+        elif isinstance(cache, VDProjCache):
+            a = cache.attend(q, k, self.compress_v(v))  # the cache gets V_c, never V
+        else:
+            raise ValueError(f"attention 'vdproj' decodes with a VDProjCache, got {type(cache).__name__}")
+        return self.dense(self.merge_heads(a))
+
+    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
+        if kind != "vdproj":
+            raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
+        return VDProjCache(self, batch_size, max_len, device, dtype)
+
+
+class VDProjCache(LayerCache):
+    """Keys (B, nh, max_len, hs) and compressed values V_c (B, max_len, rank).
+
+    With `compress_k`: rotary keys (B, nh, max_len, rd) and compressed non-rotary keys (B, max_len, k_rank).
+    Chunks longer than `restore_above` tokens (prefill) restore the cached prefix and use SDPA, which is
+    cheaper once T > head_size; shorter chunks (decoding) use the absorbed form and restore nothing.
+    """
+
+    def __init__(
+        self,
+        attn: VDProjAttention,
+        batch_size: int,
+        max_len: int,
+        device=None,
+        dtype=None,
+        restore_above: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, max_len)
+        self.attn = attn  # for its weights; not part of the cache's storage
+        self.restore_above = attn.head_size if restore_above is None else restore_above
+        nh, hs, B = attn.n_head, attn.head_size, batch_size
+        kw = dict(device=device, dtype=dtype)
+        if attn.compress_k:
+            self.buffers["k_rot"] = torch.zeros(B, nh, max_len, attn.rotary_ndims, **kw)
+            self.buffers["k_c"] = torch.zeros(B, max_len, attn.k_rank, **kw)
+        else:
+            self.buffers["k"] = torch.zeros(B, nh, max_len, hs, **kw)
+        self.buffers["v_c"] = torch.zeros(B, max_len, attn.rank, **kw)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k: (B, nh, T, hs); v is V_c (B, T, rank). Returns A (B, nh, T, hs)."""
+        attn, T = self.attn, q.shape[-2]
+        span = self._take(T)
+        self.buffers["v_c"][:, span] = v
+        if attn.compress_k:
+            self.buffers["k_rot"][:, :, span] = k[..., : attn.rotary_ndims]
+            self.buffers["k_c"][:, span] = attn.compress_k_pass(k)
+        else:
+            self.buffers["k"][:, :, span] = k
+        if T > self.restore_above:
+            return self._attend_restored(q)
+        return self._attend_absorbed(q)
+
+    def _keys(self) -> Tensor:
+        L = self.length
+        if self.attn.compress_k:
+            return self.attn.restore_k(self.buffers["k_rot"][:, :, :L], self.buffers["k_c"][:, :L])
+        return self.buffers["k"][:, :, :L]
+
+    def _attend_restored(self, q: Tensor) -> Tensor:
+        v = self.attn.restore_v(self.buffers["v_c"][:, : self.length])  # (B, nh, L, hs)
+        return attend_causal(q, self._keys(), v)
+
+    def _attend_absorbed(self, q: Tensor) -> Tensor:
+        attn, L = self.attn, self.length
+        B, nh, T, hs = q.shape
+        q = q * hs**-0.5
+        if attn.compress_k:
+            rd, ps, kr = attn.rotary_ndims, attn.pass_size, attn.k_rank
+            w_k = attn.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
+            q_abs = torch.einsum("bhtd,hdr->bhtr", q[..., rd:], w_k)  # (B, nh, T, kr)
+            k_c = self.buffers["k_c"][:, :L]  # (B, L, kr)
+            scores = torch.bmm(q_abs.reshape(B, nh * T, kr), k_c.transpose(1, 2)).view(B, nh, T, L)
+            if rd:
+                scores = scores + q[..., :rd] @ self.buffers["k_rot"][:, :, :L].transpose(-1, -2)  # (B, nh, T, L)
+        else:
+            scores = q @ self.buffers["k"][:, :, :L].transpose(-1, -2)  # (B, nh, T, L)
+        if T > 1:
+            scores = scores.masked_fill(~causal_mask(T, L, q.device), float("-inf"))
+        if scores.dtype in (torch.float32, torch.float64):
+            p = scores.softmax(dim=-1)
+        else:
+            p = scores.float().softmax(dim=-1).to(scores.dtype)
+        # V_c is shared by the heads: one (nh*T, L) @ (L, rank) product per sequence, no per-head copy.
+        pv = torch.bmm(p.reshape(B, nh * T, L), self.buffers["v_c"][:, :L])  # (B, nh * T, rank)
+        w_v = attn.v_restore.weight.view(nh, hs, attn.rank)  # rows of head h: (nh, hs, rank)
+        a = torch.einsum("bhtr,hdr->bhtd", pv.view(B, nh, T, attn.rank), w_v)  # (B, nh, T, hs)
+        return a + attn.v_restore.bias.view(nh, 1, hs)
+
+
+def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every V-DProj projection in `model` (what phase 1 trains and phase 2 freezes)."""
+    return [p for m in model.modules() if isinstance(m, VDProjAttention) for lin in m.projections() for p in lin.parameters()]

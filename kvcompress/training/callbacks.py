@@ -1,0 +1,70 @@
+"""Callbacks: position-wise perplexity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
+
+
+def bucket_name(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}"
+
+
+class PositionwisePPL(L.Callback):
+    """Validation PPL per bucket of positions, from the per-token losses that validation steps return.
+
+    Logs `<stage>/val_pos_ppl/<lo>-<hi>` for each bucket, and a W&B table when W&B is a logger.
+    Buckets that fall outside the sequence are skipped.
+    """
+
+    def __init__(self, buckets: Sequence[Sequence[int]] = DEFAULT_BUCKETS) -> None:
+        self.buckets = [(int(lo), int(hi)) for lo, hi in buckets]
+        for lo, hi in self.buckets:
+            if not 0 <= lo < hi:
+                raise ValueError(f"bad position bucket [{lo}, {hi})")
+        self.last: dict[str, float] = {}
+        self._sums: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sums = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
+        self._counts = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        losses = outputs["token_losses"]  # (B, T)
+        T = losses.shape[1]
+        for i, (lo, hi) in enumerate(self.buckets):
+            if lo < T:
+                chunk = losses[:, lo:hi]
+                self._sums[i] += chunk.double().sum()
+                self._counts[i] += chunk.numel()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sums, counts = self._sums, self._counts
+        if trainer.world_size > 1:
+            sums, counts = pl_module.all_gather(sums).sum(0), pl_module.all_gather(counts).sum(0)
+        prefix = getattr(pl_module, "metric_prefix", "lm")
+        self.last = {}
+        for i, (lo, hi) in enumerate(self.buckets):
+            if counts[i] > 0:
+                ppl = float(torch.exp(sums[i] / counts[i]))
+                self.last[bucket_name(lo, hi)] = ppl
+                pl_module.log(f"{prefix}/val_pos_ppl/{bucket_name(lo, hi)}", ppl)
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(
+                    key=f"{prefix}/val_pos_ppl_table",
+                    columns=["positions", "ppl"],
+                    data=[[name, ppl] for name, ppl in self.last.items()],
+                    step=trainer.global_step,
+                )

@@ -1,0 +1,162 @@
+"""The base LightningModule: LM loss plus any auxiliary losses the attention layers emit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kvcompress.models import GPTNeoX
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN/inf; checkpoints written before it are kept."""
+
+
+def loss_weight(spec: float | Mapping[str, float], progress: float) -> float:
+    """A loss weight: a constant, or `{start, end}` moved linearly over the stage (progress in [0, 1])."""
+    if isinstance(spec, int | float):
+        return float(spec)
+    return float(spec["start"]) + (float(spec["end"]) - float(spec["start"])) * min(max(progress, 0.0), 1.0)
+
+
+class LMModule(L.LightningModule):
+    """Trains a `GPTNeoX` on next-token prediction.
+
+    Losses are named: `lm` is the cross-entropy; any other name is an auxiliary loss that attention
+    layers add to the forward's `aux` dict (e.g. `recon` for V-DProj, `adapter` for the KA adapter),
+    averaged over layers. `losses` maps names to weights (constants or `{start, end}` schedules).
+    Metrics are logged under `metric_prefix` (the stage name), e.g. `lm/val_ppl`.
+    Validation steps return per-token losses (B, T) for callbacks such as position-wise PPL.
+    """
+
+    def __init__(
+        self,
+        net: GPTNeoX,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Mapping[str, Any] | None = None,
+        losses: Mapping[str, Any] | None = None,
+        metric_prefix: str = "lm",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0})
+        self.losses = dict(losses or {"lm": 1.0})
+        self.metric_prefix = metric_prefix
+        self.compile = compile
+        self.forward_fn: Callable[..., Tensor] = net
+        vocab = net.cfg.vocab_size
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes=vocab, top_k=1, average="micro")
+        self._aux_metrics = torch.nn.ModuleDict()
+
+    def configure_model(self) -> None:
+        if self.compile and self.forward_fn is self.net:
+            self.forward_fn = torch.compile(self.net)
+
+    def _aux_metric(self, name: str) -> MeanMetric:
+        if name not in self._aux_metrics:
+            self._aux_metrics[name] = MeanMetric().to(self.device)
+        return self._aux_metrics[name]
+
+    def step(self, batch: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Per-token losses (B, T), logits, and the per-name auxiliary losses (each averaged over layers)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        aux: dict[str, list[Tensor]] = {}
+        logits = self.forward_fn(inputs, aux=aux)
+        token_losses = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+        ).view_as(targets)
+        aux_losses = {name: torch.stack(values).mean() for name, values in aux.items()}
+        return token_losses, logits, aux_losses
+
+    def progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        return self.global_step / total if total and math.isfinite(total) else 0.0
+
+    def objective(self, lm_loss: Tensor, aux_losses: Mapping[str, Tensor]) -> Tensor:
+        progress = self.progress()
+        total = lm_loss.new_zeros(())
+        for name, spec in self.losses.items():
+            value = lm_loss if name == "lm" else aux_losses.get(name)
+            if value is None:
+                raise KeyError(f"loss {name!r} was not produced by this model (it produced {sorted(aux_losses)})")
+            total = total + loss_weight(spec, progress) * value
+        return total
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        token_losses, _, aux_losses = self.step(batch)
+        lm_loss = token_losses.mean()
+        loss = self.objective(lm_loss, aux_losses)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"{self.metric_prefix}: loss is {loss.item()} at step {self.global_step}; stopping. "
+                "Checkpoints written before this step are kept."
+            )
+        p = self.metric_prefix
+        self.train_loss(lm_loss.detach())
+        self.log(f"{p}/train_loss", loss.detach(), prog_bar=True)
+        self.log(f"{p}/train_lm_loss", self.train_loss, on_step=False, on_epoch=True)
+        for name, value in aux_losses.items():
+            self.log(f"{p}/train_{name}", value.detach())
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        token_losses, logits, aux_losses = self.step(batch)
+        targets = batch[:, 1:]
+        self.val_loss.update(token_losses.mean(), weight=token_losses.numel())
+        self.val_acc.update(logits.argmax(-1).flatten(), targets.flatten())
+        for name, value in aux_losses.items():
+            self._aux_metric(name).update(value)
+        return {"token_losses": token_losses.detach()}
+
+    def on_validation_epoch_end(self) -> None:
+        p = self.metric_prefix
+        val_loss = self.val_loss.compute()
+        self.log(f"{p}/val_loss", val_loss, prog_bar=True)
+        self.log(f"{p}/val_ppl", torch.exp(val_loss), prog_bar=True)
+        self.log(f"{p}/val_acc", self.val_acc.compute())
+        self.val_loss.reset()
+        self.val_acc.reset()
+        for name, metric in self._aux_metrics.items():
+            if metric.update_count:
+                self.log(f"{p}/val_{name}", metric.compute())
+            metric.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.metric_prefix!r} has no trainable parameters")
+        optimizer = self.optimizer_factory(params=params)
+        schedule = make_schedule(self.scheduler_cfg, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup, then `constant` or `cosine` decay to `min_ratio`."""
+    name = cfg.get("name", "constant")
+    warmup = int(cfg.get("warmup_steps", 0))
+    min_ratio = float(cfg.get("min_ratio", 0.1))
+    if name not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {name!r}; use 'constant' or 'cosine'")
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
