@@ -153,6 +153,14 @@ def cache_bytes_per_token(caches: list) -> float:
     return sum(c.nbytes() for c in caches) / (c0.batch_size * c0.max_len)
 
 
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return platform.processor() or platform.machine()
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -273,7 +281,7 @@ def bench_train(
 
     # Same weights and data: the first losses must agree (a check that the comparison is fair).
     first_loss = {name: float(step(batches[0])) for name, step in steps.items()}
-    for name, step in steps.items():
+    for step in steps.values():
         for i in range(max(args.warmup - 1, 0)):
             step(batches[(i + 1) % len(batches)])
 
@@ -334,7 +342,7 @@ def bench_decode(
         samples: dict[str, list[float]] = {name: [] for name in systems}
         for r in range(args.repeats):
             for name in alternate(list(systems), r):
-                secs = timed(lambda s=systems[name]: s.decode(prompt, args.new_tokens), device)
+                secs = timed(lambda s=systems[name], p=prompt: s.decode(p, args.new_tokens), device)
                 samples[name].append(B * args.new_tokens / secs)
         entry: dict[str, Any] = {
             "batch": B,
@@ -434,7 +442,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "schema": SCHEMA,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         "device_type": device.type,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

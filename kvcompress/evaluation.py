@@ -42,8 +42,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _per_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """(B, T, V) logits, (B, T) targets -> (B, T) CE in fp32."""
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    """(B, T, V) logits, (B, T) targets -> (B, T) CE (fp32 for half types, else the logits' dtype)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
 @torch.no_grad()
@@ -72,9 +74,7 @@ def perplexity(losses: Tensor) -> float:
     return math.exp(losses.float().mean().item())
 
 
-def position_ppl(
-    losses: Tensor, buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS
-) -> dict[str, float]:
+def position_ppl(losses: Tensor, buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS) -> dict[str, float]:
     """PPL per bucket [lo, hi) of loss positions (column t = loss of predicting token t+1), keys "lo-hi".
 
     Buckets that start at or beyond the number of positions are skipped; a bucket running past the end is

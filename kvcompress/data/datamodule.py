@@ -13,7 +13,16 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from kvcompress.data.sources import ALL, SOURCES, TRAIN, VAL, SplitSource, default_cache_dir, load_tokens, resolve_source
+from kvcompress.data.sources import (
+    ALL,
+    SOURCES,
+    TRAIN,
+    VAL,
+    SplitSource,
+    default_cache_dir,
+    load_tokens,
+    resolve_source,
+)
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, TextTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,11 +56,12 @@ class TokenWindowDataModule(LightningDataModule):
     batches are int64 tensors of shape (batch, seq_len + 1). Windows never overlap.
 
     Sources (`source`): "wikitext-2", "wikitext-103" (own validation split), "pile" (Hub `NeelNanda/pile-10k`),
-    "text" / "jsonl" (a local file at `path`; jsonl reads field `text_field`). A local copy under `data_dir`
-    (default `$KVCOMPRESS_DATA_DIR`) is used without asking the Hub; offline WikiText-2 trains on test.txt and
-    validates on valid.txt. `num_samples` windows in total (None: all), `val_fraction` of them for validation;
-    with a validation split the counts are taken from each split (capped, with a warning, by what exists),
-    otherwise the windows are split by a seeded shuffle. Token streams are cached in `cache_dir`.
+    "text" / "jsonl" / "local" (a local file at `path`; "local" picks by suffix; jsonl reads `text_field`).
+    A local copy under `data_dir` (default `$KVCOMPRESS_DATA_DIR`) is used without asking the Hub; offline
+    WikiText-2 trains on test.txt and validates on valid.txt. `num_samples` windows in total (None: all),
+    `val_fraction` of them for validation; with a validation split the counts are taken from each split (capped,
+    with a warning, by what exists), otherwise the windows are split by a seeded shuffle. Token streams are cached
+    in `cache_dir` (default `$KVCOMPRESS_CACHE_DIR` or ~/.cache/kvcompress).
 
     Nothing is loaded before `prepare_data()` / `setup()`; `setup("fit")` raises every data error before training.
     """
@@ -82,10 +92,11 @@ class TokenWindowDataModule(LightningDataModule):
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if int(seq_len) < 1 or int(batch_size) < 1 or int(num_workers) < 0:
-            raise ValueError(f"need seq_len >= 1, batch_size >= 1, num_workers >= 0 (got {seq_len}, {batch_size}, "
-                             f"{num_workers})")
-        if source in ("text", "jsonl") and path is None:
-            raise ValueError(f"source {source!r} needs path=<a local {source} file>")
+            raise ValueError(
+                f"need seq_len >= 1, batch_size >= 1, num_workers >= 0 (got {seq_len}, {batch_size}, {num_workers})"
+            )
+        if SOURCES[source].hub_id is None and path is None:
+            raise ValueError(f"source {source!r} needs path=<a local text or jsonl file>")
         self.save_hyperparameters()
         self.source = source
         self.seq_len = int(seq_len)
@@ -107,7 +118,7 @@ class TokenWindowDataModule(LightningDataModule):
 
         self.tokenizer: TextTokenizer | None = None
         self.base_train_dataset: TokenWindowDataset | None = None  # every selected train window
-        self.train_dataset: TokenWindowDataset | None = None  # the windows trained on (a subset after set_train_indices)
+        self.train_dataset: TokenWindowDataset | None = None  # what is trained on (a subset after set_train_indices)
         self.val_dataset: TokenWindowDataset | None = None
         self.info: dict[str, Any] = {}  # origins, token and window counts: for logs and reports
         self._train_positions: np.ndarray | None = None
@@ -125,15 +136,21 @@ class TokenWindowDataModule(LightningDataModule):
         n_val = max(1, round(self.num_samples * self.val_fraction))
         n_train = self.num_samples - n_val
         if n_train < 1:
-            raise ValueError(f"num_samples={self.num_samples} with val_fraction={self.val_fraction} leaves no "
-                             "training window")
+            raise ValueError(
+                f"num_samples={self.num_samples} with val_fraction={self.val_fraction} leaves no training window"
+            )
         return n_train, n_val
 
     def _splits(self) -> tuple[TextTokenizer, dict[str, SplitSource]]:
         tok = load_tokenizer(self.tokenizer_name, data_dir=self.data_dir)
         splits = resolve_source(
-            self.source, path=self.path, data_dir_=self.data_dir, hub_id=self.hub_id, hub_config=self.hub_config,
-            hub_revision=self.hub_revision, text_field=self.text_field,
+            self.source,
+            path=self.path,
+            data_dir_=self.data_dir,
+            hub_id=self.hub_id,
+            hub_config=self.hub_config,
+            hub_revision=self.hub_revision,
+            text_field=self.text_field,
         )
         return tok, splits
 
@@ -159,11 +176,18 @@ class TokenWindowDataModule(LightningDataModule):
                 log.warning(
                     "%s %s (%s): %d windows of %d tokens were asked for (num_samples=%s, val_fraction=%s) but only "
                     "%d exist; using all %d",
-                    split.dataset, split.split, split.origin, n_want, self.window, self.num_samples,
-                    self.val_fraction, n_avail, n_avail,
+                    split.dataset,
+                    split.split,
+                    split.origin,
+                    n_want,
+                    self.window,
+                    self.num_samples,
+                    self.val_fraction,
+                    n_avail,
+                    n_avail,
                 )
             return np.arange(n_avail)
-        rng = np.random.default_rng([self.seed, stream])
+        rng = np.random.default_rng([self.seed % 2**32, stream])
         return np.sort(rng.permutation(n_avail)[:n_want])
 
     def setup(self, stage: str | None = None) -> None:
@@ -181,13 +205,15 @@ class TokenWindowDataModule(LightningDataModule):
             split, n_avail = splits[ALL], n_windows[ALL]
             chosen = self._pick(split, n_avail, self.num_samples, 0)
             if n_avail < 2:
-                raise ValueError(f"data set {split.dataset!r} ({split.origin}) has {loaded[ALL][0].size} tokens: "
-                                 f"{n_avail} window of {self.window} tokens, at least 2 are needed (train + val)")
+                raise ValueError(
+                    f"data set {split.dataset!r} ({split.origin}) has {loaded[ALL][0].size} tokens: "
+                    f"{n_avail} window of {self.window} tokens, at least 2 are needed (train + val)"
+                )
             if self.num_samples is not None and len(chosen) == self.num_samples:
                 n_val = self._requested_counts()[1]
             else:
                 n_val = min(max(1, round(len(chosen) * self.val_fraction)), len(chosen) - 1)
-            order = np.random.default_rng([self.seed, 1]).permutation(chosen)
+            order = np.random.default_rng([self.seed % 2**32, 1]).permutation(chosen)
             train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
             train_tokens = val_tokens = loaded[ALL][0]
         else:  # own validation split: count from each
@@ -207,8 +233,12 @@ class TokenWindowDataModule(LightningDataModule):
             "seq_len": self.seq_len,
             "tokenizer": tok.source,
             "splits": {
-                name: {"origin": s.origin, "tokens": int(loaded[name][0].size), "windows": n_windows[name],
-                       "cached": loaded[name][1]}
+                name: {
+                    "origin": s.origin,
+                    "tokens": int(loaded[name][0].size),
+                    "windows": n_windows[name],
+                    "cached": loaded[name][1],
+                }
                 for name, s in splits.items()
             },
             "train_windows": len(self.train_dataset),
@@ -221,8 +251,10 @@ class TokenWindowDataModule(LightningDataModule):
     def set_train_indices(self, positions: Sequence[int] | np.ndarray | torch.Tensor | None) -> None:
         """Train on a subset of the train windows (e.g. mined hard examples): `positions` index the full train set
         (`base_train_dataset`, in its order); None restores it. Takes effect for dataloaders built afterwards."""
-        self._train_positions = None if positions is None else np.asarray(
-            positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64
+        self._train_positions = (
+            None
+            if positions is None
+            else np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
         )
         if self.base_train_dataset is not None:
             base = self.base_train_dataset
@@ -244,16 +276,23 @@ class TokenWindowDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        self._ready()
-        return self.tokenizer.vocab_size  # type: ignore[union-attr]
+        """The tokenizer's id range (largest id + 1); loads only the tokenizer when called before `setup`."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name, data_dir=self.data_dir)
+        return self.tokenizer.vocab_size
 
     # --- loaders -------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:

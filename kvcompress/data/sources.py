@@ -50,10 +50,14 @@ SOURCES: dict[str, SourceSpec] = {
         has_val_split=True,
         local={TRAIN: ("wikitext-103/train.txt",), VAL: ("wikitext-103/valid.txt",)},
     ),
-    "pile": SourceSpec("NeelNanda/pile-10k", None, documents=True, has_val_split=False),
+    "pile": SourceSpec(
+        "NeelNanda/pile-10k", None, documents=True, has_val_split=False, local={ALL: ("pile-10k/train.jsonl",)}
+    ),
     "text": SourceSpec(None, None, documents=False, has_val_split=False),  # a local text file: one document
     "jsonl": SourceSpec(None, None, documents=True, has_val_split=False),  # a local jsonl: one document a line
+    "local": SourceSpec(None, None, documents=False, has_val_split=False),  # "jsonl" or "text" by the file's suffix
 }
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _HUB_SPLITS = {TRAIN: "train", VAL: "validation", ALL: "train"}
 _WARNED: set[str] = set()
 
@@ -114,8 +118,14 @@ def _local_split(dataset: str, split: str, path: Path, documents: bool, text_fie
 
 
 def _hub_split(
-    dataset: str, split: str, spec: SourceSpec, hub_id: str, config: str | None, revision: str | None,
-    text_field: str, local_hint: str,
+    dataset: str,
+    split: str,
+    spec: SourceSpec,
+    hub_id: str,
+    config: str | None,
+    revision: str | None,
+    text_field: str,
+    local_hint: str,
 ) -> SplitSource:
     hub_split = _HUB_SPLITS[split]
     what = f"{hub_id!r}" + (f" config {config!r}" if config else "") + f" split {hub_split!r}"
@@ -137,14 +147,20 @@ def _hub_split(
             ) from e
         if text_field not in ds.column_names:
             raise ValueError(f"Hub data set {what} has no field {text_field!r} (columns: {ds.column_names})")
-        rows: list[str] = ds[text_field]
+        rows: list[str] = list(ds[text_field])
         return rows if spec.documents else "".join(rows)  # WikiText rows are lines that keep their "\n"
 
     identity = {"hub_id": hub_id, "config": config, "split": hub_split, "revision": revision}
     if spec.documents:
         identity["text_field"] = text_field
-    return SplitSource(dataset, split, f"hub:{hub_id}" + (f"/{config}" if config else "") + f":{hub_split}",
-                       identity, spec.documents, read)
+    return SplitSource(
+        dataset,
+        split,
+        f"hub:{hub_id}" + (f"/{config}" if config else "") + f":{hub_split}",
+        identity,
+        spec.documents,
+        read,
+    )
 
 
 def resolve_source(
@@ -164,13 +180,14 @@ def resolve_source(
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; known sources: {sorted(SOURCES)}")
     spec = SOURCES[source]
-    if source in ("text", "jsonl"):
+    if spec.hub_id is None:  # a local file
         if path is None:
-            raise ValueError(f"source {source!r} needs path=<a local {source} file>")
+            raise ValueError(f"source {source!r} needs path=<a local text or jsonl file>")
         file = Path(path).expanduser()
         if not file.is_file():
             raise FileNotFoundError(f"source {source!r}: no such file {file}")
-        return {ALL: _local_split(source, ALL, file, spec.documents, text_field)}
+        documents = spec.documents if source != "local" else file.suffix.lower() in JSONL_SUFFIXES
+        return {ALL: _local_split(file.stem, ALL, file, documents, text_field)}
 
     hub_id = hub_id or spec.hub_id
     config = hub_config if hub_config is not None else spec.hub_config
@@ -193,13 +210,15 @@ def resolve_source(
             )
         return {s: _local_split(source, s, found[s], spec.documents, text_field) for s in splits}
 
-    if root is None:
-        hint = "no local copy (KVCOMPRESS_DATA_DIR is not set)"
+    rels = [rel for s in splits for rel in spec.local.get(s, ())]
+    if not rels:
+        hint = "there is no offline copy of this data set"
+    elif root is None:
+        hint = f"no local copy (KVCOMPRESS_DATA_DIR is not set; looked for $KVCOMPRESS_DATA_DIR/{' or '.join(rels)})"
     elif not use_local:
-        hint = f"no local copy for hub_id={hub_id!r} config={config!r} (only the default variant is stored offline)"
+        hint = f"the local copy holds only {spec.hub_id}/{spec.hub_config}, not hub_id={hub_id!r} config={config!r}"
     else:
-        looked = [str(root / rel) for s in splits for rel in spec.local.get(s, ())]
-        hint = f"no local copy at {' / '.join(looked) or root / source}"
+        hint = "no local copy at " + " / ".join(str(root / rel) for rel in rels)
     assert hub_id is not None
     return {s: _hub_split(source, s, spec, hub_id, config, hub_revision, text_field, hint) for s in splits}
 
@@ -281,7 +300,8 @@ def cache_key(split: SplitSource, tok: TextTokenizer) -> str:
 
 
 def cache_path(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir) / "tokens" / f"{split.dataset}-{split.split}-{cache_key(split, tok)[:20]}.npy"
+    name = re.sub(r"[^\w.-]", "_", f"{split.dataset}-{split.split}")
+    return Path(cache_dir) / "tokens" / f"{name}-{cache_key(split, tok)[:20]}.npy"
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -311,8 +331,15 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
     else:
         tokens = tokenize_text(tok, content)  # type: ignore[arg-type]
     _atomic_write(path, lambda f: np.save(f, tokens))
-    meta = {"dataset": split.dataset, "split": split.split, "origin": split.origin, "data": split.identity,
-            "tokenizer": tok.name, "tokenizer_sha256": tok.fingerprint, "num_tokens": int(tokens.size)}
+    meta = {
+        "dataset": split.dataset,
+        "split": split.split,
+        "origin": split.origin,
+        "data": split.identity,
+        "tokenizer": tok.name,
+        "tokenizer_sha256": tok.fingerprint,
+        "num_tokens": int(tokens.size),
+    }
     _atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
     log.info("cached %d tokens at %s", tokens.size, path)
     return tokens, False

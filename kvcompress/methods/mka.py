@@ -119,9 +119,7 @@ class MKACache(LayerCache):
     follow it for the same new tokens.
     """
 
-    def __init__(
-        self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None
-    ) -> None:
+    def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)
         shape = (batch_size, n_head, max_len, head_size)
         self.buffers = {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v", "ka_k", "ka_a")}
@@ -178,7 +176,9 @@ class MKAAttention(Attention):
         a = self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
         a = self.merge_heads(a)  # (B, T, C)
         if self.mka is not None:
-            a = a + self.mka(a, cache if isinstance(cache, MKACache) else None)
+            if cache is not None and not isinstance(cache, MKACache):
+                raise TypeError(f"MKA layer {self.layer_idx} needs an MKACache, got {type(cache).__name__}")
+            a = a + self.mka(a, cache)
         return self.dense(a)
 
     def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
@@ -220,37 +220,43 @@ def check_base_weights(source: str | os.PathLike, hub_id: str | None = DEFAULT_H
                 f"(needs config.json and *.safetensors or pytorch_model*.bin)"
             )
         return str(path)
-    repo = str(source) if _looks_like_hub_id(str(source)) else hub_id
+    is_hub_id = _looks_like_hub_id(str(source))
+    repo = str(source) if is_hub_id else hub_id
     hint = (
         f"no pretrained base weights: path {str(path)!r} does not exist and Hub id {repo!r} is "
         f"{{why}}. Download them first, e.g. `huggingface-cli download {repo or DEFAULT_HUB_ID} "
-        f"--local-dir {path}`, or point the base-weights setting at a `save_pretrained` directory."
+        f"--local-dir {'<dir>' if is_hub_id else path}`, or point the base-weights setting at a "
+        f"`save_pretrained` directory."
     )
     if repo is None:
         raise FileNotFoundError(hint.format(why="not set"))
+    cached, _ = _snapshot(repo, local_files_only=True)
+    if cached is None:
+        if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(hint.format(why="not in the local Hugging Face cache and the Hub is offline"))
+        cached, err = _snapshot(repo, local_files_only=False)
+        if cached is None:
+            raise FileNotFoundError(hint.format(why=f"not cached and could not be downloaded ({err})")) from err
+    return cached
+
+
+def _snapshot(repo: str, local_files_only: bool) -> tuple[str | None, Exception | None]:
+    """The snapshot directory of a Hub repo (config + weights only, safetensors preferred), or None and the error."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", *_WEIGHT_FILES]
-    try:
-        return _checked(snapshot_download(repo, allow_patterns=patterns, local_files_only=True), hint)
-    except FileNotFoundError:
-        raise
-    except Exception:  # not cached (LocalEntryNotFoundError and friends)
-        pass
-    if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(hint.format(why="not in the local Hugging Face cache and the Hub is offline"))
-    try:
-        return _checked(snapshot_download(repo, allow_patterns=patterns), hint)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise FileNotFoundError(hint.format(why=f"not cached and could not be downloaded ({err})")) from err
-
-
-def _checked(directory: str, hint: str) -> str:
-    if not _has_weights(Path(directory)):
-        raise FileNotFoundError(hint.format(why=f"incomplete in the cache at {directory}"))
-    return directory
+    path, error = None, None
+    for weights in (
+        ["*.safetensors", "*.safetensors.index.json"],
+        ["pytorch_model*.bin", "pytorch_model*.bin.index.json"],
+    ):
+        try:
+            path = snapshot_download(repo, allow_patterns=["config.json", *weights], local_files_only=local_files_only)
+        except Exception as err:  # not cached, offline, unknown repo, network errors
+            error = err
+            continue
+        if _has_weights(Path(path)):
+            return path, None
+    return None, error or FileNotFoundError(f"no config.json + weights in {path}")
 
 
 def from_pretrained_mka(

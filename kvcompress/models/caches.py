@@ -116,7 +116,12 @@ class KACache(LayerCache):
         }
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # Token by token: each output becomes a value for the tokens after it.
+        if q.shape[-2] > 1 and self.adapter is None:
+            return self.attend_parallel(q, k, v)
+        return self.attend_loop(q, k, v)  # decode (T == 1) or a nonlinear adapter
+
+    def attend_loop(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Token by token: each output becomes a value for the tokens after it (one SDPA per token)."""
         outputs = []
         for t in range(q.shape[-2]):
             span = self._take(1)
@@ -128,3 +133,27 @@ class KACache(LayerCache):
             self.buffers["a"][:, :, span] = a_t if self.adapter is None else self.adapter(a_t)
             outputs.append(a_t)
         return torch.cat(outputs, dim=-2)
+
+    def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Exact prefill of T new tokens at once (adapter=None only): one unit-lower-triangular solve.
+
+        With P over [past, new] positions: (I - strict_lower(P_nn)) A_new = P_np A_past + diag(P_nn) V_new.
+        Computed in fp32 for half dtypes (fp64 stays fp64).
+        """
+        if self.adapter is not None:
+            raise ValueError("parallel KA prefill is exact only without an adapter (the adapter is nonlinear)")
+        past, T = self.length, q.shape[-2]
+        span = self._take(T)
+        self.buffers["k"][:, :, span] = k
+        ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        keys = self.buffers["k"][:, :, : self.length].to(ct)  # (B, nh, past + T, hs)
+        scores = (q.to(ct) * q.shape[-1] ** -0.5) @ keys.mT  # (B, nh, T, past + T)
+        p = scores.masked_fill_(~causal_mask(T, past + T, q.device), float("-inf")).softmax(dim=-1)
+        p_new = p[..., past:]  # (B, nh, T, T), lower triangular
+        rhs = p_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)  # (B, nh, T, hs)
+        if past:
+            rhs = rhs + p[..., :past] @ self.buffers["a"][:, :, :past].to(ct)
+        # Unit diagonal implied: only the strict lower part of -P_nn is read.
+        a_new = torch.linalg.solve_triangular(-p_new, rhs, upper=False, unitriangular=True)
+        self.buffers["a"][:, :, span] = a_new.to(self.buffers["a"].dtype)
+        return a_new.to(q.dtype)

@@ -100,6 +100,18 @@ def checkpoint_is_loadable(path: Path) -> bool:
         return False
 
 
+class SaveLast(L.Callback):
+    """Writes `last.ckpt` after every validation (atomically), whether or not the monitor improved."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run:
+            return
+        trainer.save_checkpoint(self.path)
+
+
 @dataclass
 class StageResult:
     name: str
@@ -203,10 +215,8 @@ class PhaseRunner:
         for hook in stage.before:
             hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
-        checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1, save_last=True
-        )
-        callbacks: list[L.Callback] = [checkpoint, *self.extra_callbacks()]
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1)
+        callbacks: list[L.Callback] = [checkpoint, SaveLast(last), *self.extra_callbacks()]
         if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
             callbacks.append(PositionwisePPL())
         if stage.patience is not None:
@@ -217,13 +227,17 @@ class PhaseRunner:
         self._log({f"{stage.name}/trainable_params": trainable, f"{stage.name}/frozen_params": frozen})
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
-        best = checkpoint.best_model_path or str(last)
-        load_net_weights(self.net, best)
+        best = checkpoint.best_model_path or (str(last) if last.exists() else "")
+        if best:
+            load_net_weights(self.net, best)
+        else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
+            log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
         metrics = self._validate(trainer, module, datamodule, stage)
         for hook in stage.after:
             hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, best, metrics)
-        atomic_write_json(done_file, asdict(result))
+        if best:
+            atomic_write_json(done_file, asdict(result))
         return result
 
     def _log(self, metrics: Mapping[str, float]) -> None:

@@ -1,0 +1,43 @@
+# kvcompress: `make install && make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# Torch first, pinned: an unpinned torch would pull a multi-GB CUDA wheel. On a GPU box: make install TORCH=torch==2.11.0
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-all lint format smoke bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## create .venv and install torch ($(TORCH)) then the package with dev extras
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+test:  ## fast offline CPU tests (no slow, no gpu)
+	$(BIN)/pytest -q
+
+test-all:  ## every test, slow and gpu included (gpu tests skip without CUDA)
+	$(BIN)/pytest -q -m ""
+
+lint:  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:  ## ruff format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+smoke:  ## a tiny end-to-end training run
+	$(BIN)/python -m kvcompress.train debug=smoke
+
+bench:  ## the benchmark against transformers (writes outputs/bench/bench.json)
+	$(BIN)/python -m kvcompress.bench
+
+clean:  ## remove run outputs and caches
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the network: the Hub retries for ~50 s when offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+if "KVCOMPRESS_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["KVCOMPRESS_DATA_DIR"] = str(SHARED_DATA)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    path = os.environ.get("KVCOMPRESS_DATA_DIR")
+    if not path or not Path(path).is_dir():
+        pytest.skip("KVCOMPRESS_DATA_DIR (the offline shared data) is not available")
+    return Path(path)

@@ -1,0 +1,152 @@
+"""PretrainedMKA: parameter counts, plain layers, zero-init identity, cached == uncached, HF loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import kvcompress.methods  # noqa: F401  (registers attentions)
+from kvcompress.evaluation import autoregressive_token_losses, token_losses
+from kvcompress.methods.ka import ka_attention_reference
+from kvcompress.methods.mka import (
+    MKA_PARAM_PATTERN,
+    KALayer,
+    MKACache,
+    check_base_weights,
+    freeze_all_but_mka,
+    from_pretrained_mka,
+)
+from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
+from kvcompress.models.hf import config_to_hf, from_hf_model, save_pretrained
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig.from_name("tiny", **kw)
+
+
+def mka_cfg(layers=(-1,), zero_init: bool = True, **kw) -> ModelConfig:
+    return tiny(attention="mka", attention_kwargs={"layers": layers, "zero_init": zero_init}, **kw)
+
+
+def randomized(model: GPTNeoX, std: float = 0.2, seed: int = 0) -> GPTNeoX:
+    gen = torch.Generator().manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return model.eval()
+
+
+def ids(B: int, T: int, vocab: int = 512, seed: int = 0) -> Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_trainable_count_at_pythia_70m_shape() -> None:
+    model = GPTNeoX(ModelConfig.from_name("pythia-70m", vocab_size=512, attention="mka"))
+    base = GPTNeoX(ModelConfig.from_name("pythia-70m", vocab_size=512))
+    assert freeze_all_but_mka(model) == 788_992  # LayerNorm(512) + 3 x Linear(512, 512)
+    assert model.num_parameters() == base.num_parameters() + 788_992
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(n.startswith("layers.5.attention.mka.") for n in trainable) and len(trainable) == 8
+    assert MKA_PARAM_PATTERN == "*.attention.mka.*"
+
+
+def test_unlisted_layers_are_plain_and_layers_validated() -> None:
+    model = GPTNeoX(mka_cfg(layers=(-1,)))
+    plain = GPTNeoX(tiny())
+    assert model.layers[0].attention.mka is None
+    assert set(model.layers[0].state_dict()) == set(plain.layers[0].state_dict())
+    assert isinstance(model.layers[1].attention.mka, KALayer)
+    both = GPTNeoX(mka_cfg(layers=[0, 1]))
+    assert all(layer.attention.mka is not None for layer in both.layers)
+    for bad in [(2,), (-3,), ()]:
+        with pytest.raises(ValueError, match="layer"):
+            GPTNeoX(mka_cfg(layers=bad))
+    caches = model.build_caches(1, 8)
+    assert isinstance(caches[0], KVCache) and isinstance(caches[1], MKACache)
+    with pytest.raises(ValueError, match="cannot serve"):
+        model.build_caches(1, 8, kind="kv")
+
+
+def test_ka_layer_is_ka_attention_over_the_inputs() -> None:
+    torch.manual_seed(0)
+    cfg = tiny()
+    layer = KALayer(cfg, zero_init=False).double()
+    a = torch.randn(2, 7, cfg.n_embd, dtype=torch.float64)
+    h = layer.norm(a)
+    q, k, v = (layer.heads(p(h)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    expected = ka_attention_reference(q, k, v).transpose(1, 2).reshape(2, 7, -1)
+    torch.testing.assert_close(layer(a), expected)
+
+
+def test_zero_init_starts_at_the_base_model_and_trains() -> None:
+    torch.manual_seed(0)
+    base = GPTNeoX(tiny()).eval()
+    model = GPTNeoX(mka_cfg(layers=(0, 1))).eval()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and all(".attention.mka." in k for k in missing)
+    x = ids(2, 10)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    assert freeze_all_but_mka(model) > 0
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:]).backward()
+    assert model.layers[1].attention.mka.v_proj.weight.grad.abs().sum() > 0
+    assert base.layers[0].attention.dense.weight.grad is None
+    assert model.layers[0].attention.dense.weight.grad is None  # frozen
+
+    # A non-zero KA layer changes the output.
+    other = GPTNeoX(mka_cfg(zero_init=False)).eval()
+    other.load_state_dict(base.state_dict(), strict=False)
+    assert not torch.allclose(other(x), base(x))
+
+
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)])
+def test_cached_equals_uncached(layers) -> None:
+    model = randomized(GPTNeoX(mka_cfg(layers=layers, zero_init=False)), std=0.2)
+    prompt = ids(2, 5, seed=3)
+    tokens, cached = generate(model, prompt, 6, return_logits=True)
+    tokens_nc, uncached = generate(model, prompt, 6, use_cache=False, return_logits=True)
+    assert torch.equal(tokens, tokens_nc)
+    torch.testing.assert_close(cached, uncached)
+    # Multi-token continuation of a filled cache (the triangular solve with a past).
+    x = ids(2, 12, seed=4)
+    caches = model.build_caches(2, 12)
+    with torch.no_grad():
+        parts = [model(x[:, :5], caches), model(x[:, 5:9], caches), model(x[:, 9:10], caches), model(x[:, 10:], caches)]
+        torch.testing.assert_close(torch.cat(parts, dim=1), model(x))
+    torch.testing.assert_close(autoregressive_token_losses(model, x), token_losses(model, x))
+
+
+def test_loads_from_hugging_face_with_only_mka_params_new() -> None:
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(config_to_hf(tiny())).eval()
+    model = from_hf_model(hf, attention="mka", attention_kwargs={"layers": [-1]}).eval()
+    standard = from_hf_model(hf).eval()
+    missing, unexpected = model.load_state_dict(standard.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("layers.1.attention.mka.") for k in missing)
+    x = ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)  # zero init: the base model
+        torch.testing.assert_close(model(x), standard(x))
+
+
+def test_check_base_weights(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(FileNotFoundError) as err:
+        check_base_weights(missing, hub_id="kvcompress-test/not-a-model", download=False)
+    assert str(missing) in str(err.value) and "kvcompress-test/not-a-model" in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        check_base_weights(empty)
+
+    torch.manual_seed(0)
+    save_pretrained(GPTNeoX(tiny()), tmp_path / "base")
+    assert check_base_weights(tmp_path / "base") == str(tmp_path / "base")
+    model = from_pretrained_mka(tmp_path / "base", layers=-1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".attention.mka." in n for n in trainable)
+    assert model.layers[0].attention.mka is None and model.layers[1].attention.mka is not None

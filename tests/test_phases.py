@@ -1,0 +1,173 @@
+"""The phase runner: freezing, stage reuse, resume, bad patterns; loss schedules."""
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from kvcompress.models import GPTNeoX, ModelConfig
+from kvcompress.training import LMModule, PhaseRunner, Stage, set_trainable
+from kvcompress.training.module import loss_weight, make_schedule
+
+
+class RandomTokens(L.LightningDataModule):
+    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8, vocab: int = 512) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.train = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
+        self.val = torch.randint(0, vocab, (n // 4, seq_len + 1), generator=g)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.train), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b]))
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.val), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b]))
+
+
+def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fingerprint=None):
+    torch.manual_seed(0)
+    net = net or GPTNeoX(ModelConfig.from_name("tiny"))
+
+    def make_trainer(stage, callbacks, max_epochs):
+        return L.Trainer(
+            accelerator="cpu",
+            max_epochs=max_epochs,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+
+    def make_module(model, stage):
+        return LMModule(model, partial(torch.optim.AdamW, lr=stage.lr), losses=stage.losses, metric_prefix=stage.name)
+
+    return PhaseRunner(
+        net,
+        stages,
+        make_datamodule=lambda overrides: RandomTokens(**overrides),
+        make_trainer=make_trainer,
+        make_module=make_module,
+        stage_root=tmp_path / "stages",
+        fingerprint=fingerprint or {"model": "tiny"},
+        reuse=reuse,
+        extra_callbacks=extra_callbacks,
+    )
+
+
+TWO_STAGES = [
+    Stage(name="mlp", train=["*.mlp.*"], lr=1e-3, max_epochs=1, patience=None),
+    Stage(name="lm", train=["*"], freeze=["*.mlp.*"], lr=1e-3, max_epochs=1, patience=None),
+]
+
+
+def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_path):
+    runner = make_runner(tmp_path, TWO_STAGES)
+    before = {k: v.clone() for k, v in runner.net.state_dict().items()}
+    results = runner.run()
+    after = runner.net.state_dict()
+    for name, value in after.items():
+        changed = not torch.equal(before[name], value)
+        assert changed == ("mlp" in name or "dense" in name or "query" in name or "embed" in name or "norm" in name)
+    # Stage 2 froze the MLP: its bytes equal stage 1's best checkpoint, and its optimizer never saw them.
+    stage1 = torch.load(results[0].best_checkpoint, weights_only=False)["state_dict"]
+    stage2 = torch.load(results[1].best_checkpoint, weights_only=False)
+    for name, value in stage1.items():
+        if ".mlp." in name:
+            assert torch.equal(stage2["state_dict"][name], value), name
+    n_trainable_tensors = sum(1 for n, _ in runner.net.named_parameters() if ".mlp." not in n)
+    assert len(stage2["optimizer_states"][0]["state"]) == n_trainable_tensors
+    assert results[1].frozen_params == sum(p.numel() for n, p in runner.net.named_parameters() if ".mlp." in n)
+
+
+def test_stage_reuse_hits_on_same_config_and_misses_on_changed(tmp_path):
+    first = make_runner(tmp_path, TWO_STAGES).run()
+    assert [r.reused for r in first] == [False, False]
+    again = make_runner(tmp_path, TWO_STAGES).run()
+    assert [r.reused for r in again] == [True, True]
+    assert [r.key for r in again] == [r.key for r in first]
+    changed = [TWO_STAGES[0], Stage(name="lm", train=["*"], freeze=["*.mlp.*"], lr=5e-4, max_epochs=1, patience=None)]
+    third = make_runner(tmp_path, changed).run()
+    assert [r.reused for r in third] == [True, False]
+    other_model = make_runner(tmp_path, TWO_STAGES, fingerprint={"model": "other"}).run()
+    assert [r.reused for r in other_model] == [False, False]
+    # A changed first stage changes the key of every later stage.
+    assert make_runner(tmp_path, TWO_STAGES).stage_key(TWO_STAGES[1], "x") != first[1].key
+    no_reuse = make_runner(tmp_path, TWO_STAGES, reuse=False).run()
+    assert [r.reused for r in no_reuse] == [False, False]
+
+
+class Kill(L.Callback):
+    """Simulates a killed run: dies at the start of epoch `at_epoch`, after earlier checkpoints exist."""
+
+    def __init__(self, at_epoch: int) -> None:
+        self.at_epoch = at_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_epoch:
+            raise SystemExit("killed")
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    stages = [Stage(name="lm", lr=1e-3, max_epochs=3, patience=None)]
+    with pytest.raises(SystemExit):
+        make_runner(tmp_path, stages, extra_callbacks=lambda: [Kill(at_epoch=2)]).run()
+    (folder,) = (tmp_path / "stages").iterdir()
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 1 and not (folder / "done.json").exists()
+    (result,) = make_runner(tmp_path, stages).run()
+    assert result.resumed and not result.reused
+    assert result.metrics["epochs"] == 3
+    final = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 3 * 4  # 32 samples / batch 8 = 4 steps per epoch, none repeated
+
+
+def test_corrupt_checkpoints_are_retrained_not_loaded(tmp_path, caplog):
+    stages = [Stage(name="lm", lr=1e-3, max_epochs=1, patience=None)]
+    (first,) = make_runner(tmp_path, stages).run()
+    with open(first.best_checkpoint, "wb") as f:
+        f.write(b"not a checkpoint")
+    (again,) = make_runner(tmp_path, stages).run()
+    assert not again.reused and not again.resumed
+    assert "cannot be loaded" in caplog.text
+
+
+def test_bad_patterns_fail_before_training(tmp_path):
+    runner = make_runner(tmp_path, [Stage(name="x", train=["*.no_such_param*"])])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        runner.run()
+    assert not (tmp_path / "stages").exists()
+    with pytest.raises(ValueError, match="unique"):
+        make_runner(tmp_path, [Stage(name="a"), Stage(name="a")])
+
+
+def test_set_trainable_counts():
+    net = GPTNeoX(ModelConfig.from_name("tiny"))
+    trainable, frozen = set_trainable(net, Stage(name="s", train=["embed_out.*"]))
+    assert trainable == 512 * 64 and frozen == net.num_parameters() - trainable
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["embed_out.weight"]
+
+
+def test_loss_weight_schedule_and_lr_schedule():
+    assert loss_weight(0.5, 0.3) == 0.5
+    assert loss_weight({"start": 1.0, "end": 0.0}, 0.25) == pytest.approx(0.75)
+    assert loss_weight({"start": 1.0, "end": 0.0}, 2.0) == 0.0
+    cosine = make_schedule({"name": "cosine", "warmup_steps": 10, "min_ratio": 0.1}, total_steps=110)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+    assert make_schedule({"name": "constant"}, 10)(5) == 1.0
+    with pytest.raises(ValueError):
+        make_schedule({"name": "linear"}, 10)
+
+
+def test_nan_loss_stops_with_a_message(tmp_path):
+    net = GPTNeoX(ModelConfig.from_name("tiny"))
+    with torch.no_grad():
+        net.embed_out.weight[0, 0] = float("nan")
+    from kvcompress.training import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        make_runner(tmp_path, [Stage(name="lm", max_epochs=1, patience=None)], net=net).run()
