@@ -21,9 +21,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import kvcompress  # noqa: F401  (registers attentions)
-from kvcompress.training.evaluate import run_evaluation
 from kvcompress.models import GPTNeoX
 from kvcompress.training import LMModule, PhaseRunner, Stage
+from kvcompress.training.evaluate import run_evaluation
 from kvcompress.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,13 @@ COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_mod
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("kvc.precision"):
-        OmegaConf.register_new_resolver("kvc.precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true")
+        OmegaConf.register_new_resolver(
+            "kvc.precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true"
+        )
     if not OmegaConf.has_resolver("kvc.wandb_offline"):
-        OmegaConf.register_new_resolver("kvc.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") == "offline")
+        OmegaConf.register_new_resolver(
+            "kvc.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") == "offline"
+        )
 
 
 _register_resolvers()
@@ -48,6 +52,7 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
         spec = OmegaConf.to_container(spec, resolve=True)
         spec["before"] = [instantiate(h, _partial_=True) for h in spec.get("before", [])]
         spec["after"] = [instantiate(h, _partial_=True) for h in spec.get("after", [])]
+        spec["callbacks"] = [instantiate(c, _partial_=True) for c in spec.get("callbacks", [])]
         stages.append(Stage(name=name, **spec))
     return stages
 
@@ -87,6 +92,13 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
             f"max_position_embeddings={net.cfg.max_position_embeddings}"
         )
     net.build_caches(1, 2, kind=cfg.cache.name)  # raises when the cache cannot serve this model
+    for kind in cfg.eval.get("caches") or []:
+        net.build_caches(1, 2, kind=kind)
+    if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
+        raise ValueError(
+            "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "
+            "Hub name, or a kvcompress .ckpt), or use phase=base_then_frozen_base to train the base first"
+        )
     datamodule.setup("fit")  # raises on empty or unreachable data
     if getattr(datamodule, "vocab_size", 0) > net.cfg.vocab_size:
         raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")

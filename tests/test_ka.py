@@ -179,3 +179,29 @@ def test_kv_cache_rejected() -> None:
     assert isinstance(model.build_caches(1, 8)[0], KACache)
     with pytest.raises(ValueError, match="cannot serve attention 'ka'"):
         model.build_caches(1, 8, kind="kv")
+
+
+def test_model_gradients_match_autograd_solve(monkeypatch) -> None:
+    # The hand-written backward, fed the model's (non-contiguous) upstream gradients, matches autograd's.
+    model = _ka_model(seed=2).train()
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for attend in (None, lambda self, q, k, v, aux=None: ka_attention_autograd(q, k, v)):
+        if attend is not None:
+            monkeypatch.setattr(KAAttention, "attend", attend)
+        model.zero_grad()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_autocast_keeps_fp32() -> None:
+    q, k, v = _qkv((2, 3, 9, 8), torch.float32, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ka_attention(q, k, v)
+    ref = ka_attention_reference(*(t.detach().double() for t in (q, k, v)))
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() < 1e-5
+    out.sum().backward()
+    assert q.grad.dtype == torch.float32

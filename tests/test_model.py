@@ -89,7 +89,9 @@ def test_cached_equals_uncached(name, temperature):
     runs = []
     for use_cache in (True, False):
         gen = torch.Generator().manual_seed(123)
-        runs.append(generate(model, prompt, 12, temperature=temperature, generator=gen, use_cache=use_cache, return_logits=True))
+        runs.append(
+            generate(model, prompt, 12, temperature=temperature, generator=gen, use_cache=use_cache, return_logits=True)
+        )
     (tok_c, log_c), (tok_u, log_u) = runs
     assert torch.equal(tok_c, tok_u)
     torch.testing.assert_close(log_c, log_u, atol=1e-10, rtol=0)

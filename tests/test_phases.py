@@ -21,10 +21,14 @@ class RandomTokens(L.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.train), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b]))
+        return DataLoader(
+            TensorDataset(self.train), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b])
+        )
 
     def val_dataloader(self):
-        return DataLoader(TensorDataset(self.val), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b]))
+        return DataLoader(
+            TensorDataset(self.val), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b])
+        )
 
 
 def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fingerprint=None):
@@ -40,6 +44,7 @@ def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fi
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
+            inference_mode=False,
         )
 
     def make_module(model, stage):

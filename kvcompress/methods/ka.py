@@ -28,13 +28,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _causal_bias(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(T, T) additive mask: 0 on and below the diagonal, -inf above (cheaper than masked_fill on CPU)."""
+    return torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
 def ka_probs(q: Tensor, k: Tensor) -> Tensor:
     """Causal attention probabilities P (B, nh, T, T) in the compute dtype; q, k (B, nh, T, hs)."""
     ct = _compute_dtype(q.dtype)
     T, hs = q.shape[-2], q.shape[-1]
     scores = (q.to(ct) * (1.0 / math.sqrt(hs))) @ k.to(ct).mT  # (B, nh, T, T); scale the small side
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill_(mask, float("-inf")).softmax(dim=-1)
+    return scores.add_(_causal_bias(T, q.device, ct)).softmax(dim=-1)
+
+
+def _solve_unit_lower(neg_l: Tensor, rhs: Tensor) -> Tensor:
+    """X with (I + strict_lower(neg_l)) X = rhs; neg_l (..., T, T), rhs (..., T, hs).
+
+    Solved in the transposed right-hand form X^T (I + N)^T = rhs^T, which saves LAPACK's layout copies on CPU.
+    """
+    return torch.linalg.solve_triangular(neg_l.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
+
+
+def _solve_unit_lower_transposed(neg_l: Tensor, rhs: Tensor) -> Tensor:
+    """X with (I + strict_lower(neg_l))^T X = rhs, i.e. X^T (I + N) = rhs^T."""
+    return torch.linalg.solve_triangular(neg_l, rhs.mT, upper=False, left=False, unitriangular=True).mT
 
 
 class _KAFunction(torch.autograd.Function):
@@ -42,9 +59,9 @@ class _KAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # all (B, nh, T, hs), compute dtype
-        neg_p = ka_probs(q, k).neg_()  # N = -P, (B, nh, T, T); its diagonal is ignored by the solve
+        neg_p = ka_probs(q, k).neg_()  # N = -P, (B, nh, T, T); the solves ignore its diagonal
         diag = -neg_p.diagonal(dim1=-2, dim2=-1)  # P[n, n], (B, nh, T)
-        a = torch.linalg.solve_triangular(neg_p, diag.unsqueeze(-1) * v, upper=False, unitriangular=True)
+        a = _solve_unit_lower(neg_p, diag.unsqueeze(-1) * v).contiguous()  # (B, nh, T, hs)
         ctx.save_for_backward(q, k, v, neg_p, diag, a)
         ctx.scale = 1.0 / math.sqrt(q.shape[-1])
         return a
@@ -52,18 +69,21 @@ class _KAFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.autocast(grad_a.device.type, enabled=False):
+            return _KAFunction._backward(ctx, grad_a.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, grad_a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, neg_p, diag, a = ctx.saved_tensors
-        # R = diag(P) V; dR = (I - L)^{-T} dA (unit upper-triangular solve on the transposed matrix).
-        grad_r = torch.linalg.solve_triangular(
-            neg_p.mT, grad_a.contiguous(), upper=True, unitriangular=True
-        )  # (B, nh, T, hs)
+        # A = (I - L)^{-1} R with R = diag(P) V: dR = (I - L)^{-T} dA.
+        grad_r = _solve_unit_lower_transposed(neg_p, grad_a)  # (B, nh, T, hs)
         grad_v = diag.unsqueeze(-1) * grad_r
-        # dP: strict lower = dR A^T, diagonal = <dR[n], V[n]>; the upper part is masked out below (P = 0).
+        # dP: strict lower = dR A^T, diagonal = <dR[n], V[n]>; the upper part meets P = 0 below.
         grad_p = grad_r @ a.mT  # (B, nh, T, T)
         grad_p.diagonal(dim1=-2, dim2=-1).copy_((grad_r * v).sum(-1))
-        # Softmax backward with N = -P: dS = P (dP - rowsum(P dP)) = -N (dP + rowsum(N dP)).
-        row = (neg_p * grad_p).sum(-1, keepdim=True)  # (B, nh, T, 1)
-        grad_s = grad_p.add_(row).mul_(neg_p)  # = -dS
+        # Softmax backward: dS = P (dP - rowsum(P dP)), and by the recurrence rowsum(P dP)[n] = <dR[n], A[n]>.
+        row = (grad_r * a).sum(-1, keepdim=True)  # (B, nh, T, 1)
+        grad_s = grad_p.sub_(row).mul_(neg_p)  # = -dS since N = -P
         grad_q = (grad_s @ k).mul_(-ctx.scale)
         grad_k = (grad_s.mT @ q).mul_(-ctx.scale)
         return grad_q, grad_k, grad_v
@@ -76,7 +96,8 @@ def ka_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     (fp64 stays fp64); differentiable in q, k, v.
     """
     ct = _compute_dtype(q.dtype)
-    return _KAFunction.apply(q.to(ct), k.to(ct), v.to(ct)).to(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # under autocast too: the solve stays in fp32
+        return _KAFunction.apply(q.to(ct), k.to(ct), v.to(ct)).to(v.dtype)
 
 
 def ka_attention_autograd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

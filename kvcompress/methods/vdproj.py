@@ -231,4 +231,10 @@ class VDProjCache(LayerCache):
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of every V-DProj projection in `model` (what phase 1 trains and phase 2 freezes)."""
-    return [p for m in model.modules() if isinstance(m, VDProjAttention) for lin in m.projections() for p in lin.parameters()]
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, VDProjAttention)
+        for lin in m.projections()
+        for p in lin.parameters()
+    ]

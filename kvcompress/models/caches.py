@@ -66,9 +66,7 @@ class LayerCache:
 class KVCache(LayerCache):
     """The standard cache: keys and values, (B, nh, max_len, hs) each."""
 
-    def __init__(
-        self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None
-    ) -> None:
+    def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)
         shape = (batch_size, n_head, max_len, head_size)
         self.buffers = {

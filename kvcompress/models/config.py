@@ -11,9 +11,7 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "pythia-70m": dict(n_layer=6, n_embd=512, n_head=8, intermediate_size=2048),
     "pythia-160m": dict(n_layer=12, n_embd=768, n_head=12, intermediate_size=3072),
     # Test shapes: small vocab, few layers, still 25% rotary over >= 4 head dims.
-    "tiny": dict(
-        n_layer=2, n_embd=64, n_head=4, intermediate_size=128, vocab_size=512, max_position_embeddings=256
-    ),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, intermediate_size=128, vocab_size=512, max_position_embeddings=256),
     "tiny-sequential": dict(
         n_layer=2,
         n_embd=64,

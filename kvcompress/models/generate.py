@@ -45,18 +45,23 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     B, T = input_ids.shape
-    tokens = input_ids
+    tokens = torch.empty((B, T + max_new_tokens), dtype=input_ids.dtype, device=input_ids.device)
+    tokens[:, :T] = input_ids
     step_logits = []
     if use_cache and caches is None:
         caches = model.build_caches(B, T + max_new_tokens, kind=cache)
-    logits = model(tokens, caches if use_cache else None)[:, -1]
+    logits = model(input_ids, caches if use_cache else None)[:, -1]
     for i in range(max_new_tokens):
-        step_logits.append(logits)
+        if return_logits:
+            step_logits.append(logits)
         nxt = sample_next(logits, temperature, top_k, generator)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        tokens[:, T + i] = nxt
         if i + 1 == max_new_tokens:
             break
-        logits = model(nxt[:, None], caches)[:, -1] if use_cache else model(tokens)[:, -1]
+        if use_cache:
+            logits = model(tokens[:, T + i : T + i + 1], caches)[:, -1]
+        else:
+            logits = model(tokens[:, : T + i + 1])[:, -1]
     if return_logits:
         empty = input_ids.new_zeros((B, 0, model.cfg.vocab_size), dtype=torch.float)
         return tokens, torch.stack(step_logits, dim=1) if step_logits else empty

@@ -31,20 +31,30 @@ def register_attention(name: str):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary embedding on the first `rotary_ndims` dims of each head (GPT-NeoX's `rotary_pct`)."""
+    """Rotary embedding on the first `rotary_ndims` dims of each head (GPT-NeoX's `rotary_pct`).
+
+    The cos/sin tables are computed once in fp32 per device and kept out of the module's buffers, so
+    casting the model to bf16 does not round them.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         dim = cfg.rotary_ndims
-        inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # as HF
         self.max_positions = cfg.max_position_embeddings
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._tables:
+            positions = torch.arange(self.max_positions, dtype=torch.float)
+            freqs = positions[:, None] * self.inv_freq[None, :]  # (P, rd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, rd)
+            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+        return self._tables[device]
 
     def forward(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(start, start + length, device=device, dtype=torch.float)
-        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # (T, rd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
-        return emb.cos(), emb.sin()
+        cos, sin = self._table(device)
+        return cos[start : start + length], sin[start : start + length]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -68,7 +78,7 @@ class Attention(nn.Module):
 
     name: ClassVar[str]
     # Cache kinds this attention can decode with; the first is its own ("native") cache.
-    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka")
+    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -107,8 +117,8 @@ class Attention(nn.Module):
     def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
         if kind == "kv":
             return KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
-        if kind == "ka":
-            adapter = getattr(self, "ka_adapter", None)
+        if kind in ("ka", "ka_plain"):  # [K, A]: with this layer's adapter if it has one, or V' = A
+            adapter = getattr(self, "ka_adapter", None) if kind == "ka" else None
             return KACache(batch_size, max_len, self.n_head, self.head_size, adapter, device, dtype)
         raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
 
@@ -176,8 +186,9 @@ class GPTNeoX(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
             )
-        rope = self.rotary(start, T, input_ids.device)
         x = self.embed_in(input_ids)  # (B, T, C)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rope = tuple(t.to(dtype) for t in self.rotary(start, T, input_ids.device))  # cast once, not per layer
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, caches[i] if caches else None, aux)
         return x

@@ -68,3 +68,25 @@ class PositionwisePPL(L.Callback):
                     data=[[name, ppl] for name, ppl in self.last.items()],
                     step=trainer.global_step,
                 )
+
+
+class AutoregressivePPL(L.Callback):
+    """At each validation end, PPL of the first `max_batches` validation batches decoded token by token
+    with `cache` (logged as `<stage>/val_ar_ppl`): the number a lossy cache is really judged by."""
+
+    def __init__(self, cache: str = "native", max_batches: int = 4) -> None:
+        self.cache = cache
+        self.max_batches = max_batches
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from kvcompress import evaluation
+
+        if trainer.sanity_checking:
+            return
+        losses = []
+        for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+            if i >= self.max_batches:
+                break
+            losses.append(evaluation.autoregressive_token_losses(pl_module.net, batch.to(pl_module.device), self.cache))
+        prefix = getattr(pl_module, "metric_prefix", "lm")
+        pl_module.log(f"{prefix}/val_ar_ppl", evaluation.perplexity(torch.cat(losses)))

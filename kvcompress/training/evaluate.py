@@ -18,37 +18,51 @@ def kv_bytes_per_token(net: GPTNeoX) -> float:
     return sum(c.nbytes() for c in caches) / 8
 
 
+def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
+    batches = []
+    for i, batch in enumerate(datamodule.val_dataloader()):
+        if i >= max_batches:
+            break
+        batches.append(batch.to(device))
+    return batches
+
+
 @torch.no_grad()
-def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: dict[str, Any]) -> dict[str, Any]:
-    net.eval()
-    kind = cfg.get("cache", "native")
-    ours = evaluation.cache_bytes_per_token(net, cache=kind)
-    kv = kv_bytes_per_token(net)
-    out: dict[str, Any] = {
-        "cache": {"kind": kind, "bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv},
-    }
+def evaluate_cache(net: GPTNeoX, kind: str, cfg: dict[str, Any], batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Measured size, decode speed and (optionally) autoregressive PPL of one cache kind."""
+    ours, kv = evaluation.cache_bytes_per_token(net, cache=kind), kv_bytes_per_token(net)
+    out: dict[str, Any] = {"bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv}
     decode = cfg.get("decode") or {}
     if decode.get("new_tokens", 0) > 0:
         out["decode_tokens_per_s"] = evaluation.decode_tokens_per_second(
             net, decode["batch_size"], decode["prompt_len"], decode["new_tokens"], cache=kind
         )
+    if batches:
+        losses = torch.cat([evaluation.autoregressive_token_losses(net, b, cache=kind) for b in batches])
+        out["autoregressive_ppl"] = evaluation.perplexity(losses)
+        out["autoregressive_pos_ppl"] = evaluation.position_ppl(losses)
+    return out
+
+
+@torch.no_grad()
+def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cache` is the run's cache; `caches` lists more to compare (e.g. the report-000 table: kv, ka_plain, ka)."""
+    net.eval()
+    device = net.embed_out.weight.device
+    main = cfg.get("cache", "native")
+    kinds = [main, *[k for k in cfg.get("caches") or [] if k != main]]
     ar = cfg.get("autoregressive") or {}
-    if ar.get("enabled"):
-        parallel, autoregressive = [], []
-        for i, batch in enumerate(datamodule.val_dataloader()):
-            if i >= ar.get("max_batches", 8):
-                break
-            batch = batch.to(net.embed_out.weight.device)
-            parallel.append(evaluation.token_losses(net, batch))
-            autoregressive.append(evaluation.autoregressive_token_losses(net, batch, cache=kind))
-        parallel_losses, ar_losses = torch.cat(parallel), torch.cat(autoregressive)
-        out["parallel_ppl"] = evaluation.perplexity(parallel_losses)
-        out["autoregressive_ppl"] = evaluation.perplexity(ar_losses)
-        out["autoregressive_pos_ppl"] = evaluation.position_ppl(ar_losses)
+    batches = _val_batches(datamodule, ar.get("max_batches", 8), device) if ar.get("enabled") else []
+    per_cache = {kind: evaluate_cache(net, kind, cfg, batches) for kind in kinds}
+    out: dict[str, Any] = {"cache": {"kind": main, **per_cache[main]}, "caches": per_cache}
+    if "decode_tokens_per_s" in per_cache[main]:
+        out["decode_tokens_per_s"] = per_cache[main]["decode_tokens_per_s"]
+    if batches:  # the teacher-forced PPL on the same batches, next to the autoregressive one
+        out["parallel_ppl"] = evaluation.perplexity(torch.cat([evaluation.token_losses(net, b) for b in batches]))
+        out["autoregressive_ppl"] = per_cache[main]["autoregressive_ppl"]
     reversal = cfg.get("reversal") or {}
     if reversal.get("enabled"):
-        probe_cache = kind if ar.get("enabled") else None
         out["reversal"] = evaluation.reversal_probe(
-            net, datamodule.tokenizer, n_facts=reversal.get("n_facts", 100), cache=probe_cache
+            net, datamodule.tokenizer, n_facts=reversal.get("n_facts", 100), cache=main if batches else None
         )
     return out

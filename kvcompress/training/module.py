@@ -74,9 +74,9 @@ class LMModule(L.LightningModule):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         aux: dict[str, list[Tensor]] = {}
         logits = self.forward_fn(inputs, aux=aux)
-        token_losses = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-        ).view_as(targets)
+        token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
+            targets
+        )
         aux_losses = {name: torch.stack(values).mean() for name, values in aux.items()}
         return token_losses, logits, aux_losses
 

@@ -47,6 +47,8 @@ class Stage:
     init: str = "previous"  # "previous" (the weights in hand) or a checkpoint path
     before: list[Any] = field(default_factory=list)  # hooks run before the fit
     after: list[Any] = field(default_factory=list)  # hooks run after the fit (e.g. mining)
+    callbacks: list[Any] = field(default_factory=list)  # this stage's own callbacks (factories)
+    validate_before: bool = False  # also record the metrics of the starting weights (`start_val_*`)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -58,6 +60,7 @@ class Stage:
         fields = asdict(self)
         fields["before"] = [repr(h) for h in self.before]
         fields["after"] = [repr(h) for h in self.after]
+        fields["callbacks"] = [repr(c) for c in self.callbacks]
         return fields
 
 
@@ -69,9 +72,7 @@ def set_trainable(net: torch.nn.Module, stage: Stage) -> tuple[int, int]:
     names = [name for name, _ in net.named_parameters()]
     for pattern in stage.train + stage.freeze:
         if not fnmatch.filter(names, pattern):
-            raise ValueError(
-                f"stage {stage.name!r}: pattern {pattern!r} matches no parameter (e.g. {names[:3]}...)"
-            )
+            raise ValueError(f"stage {stage.name!r}: pattern {pattern!r} matches no parameter (e.g. {names[:3]}...)")
     trainable = frozen = 0
     for name, param in net.named_parameters():
         train = any(fnmatch.fnmatchcase(name, p) for p in stage.train)
@@ -217,6 +218,7 @@ class PhaseRunner:
         monitor = f"{stage.name}/{stage.monitor}"
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1)
         callbacks: list[L.Callback] = [checkpoint, SaveLast(last), *self.extra_callbacks()]
+        callbacks += [make() for make in stage.callbacks]
         if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
             callbacks.append(PositionwisePPL())
         if stage.patience is not None:
@@ -225,6 +227,9 @@ class PhaseRunner:
         trainer = self.make_trainer(stage, callbacks, max_epochs)
         module = self.make_module(self.net, stage)
         self._log({f"{stage.name}/trainable_params": trainable, f"{stage.name}/frozen_params": frozen})
+        start = {}
+        if stage.validate_before and resume_from is None:
+            start = {f"start_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
         best = checkpoint.best_model_path or (str(last) if last.exists() else "")
@@ -232,7 +237,7 @@ class PhaseRunner:
             load_net_weights(self.net, best)
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
-        metrics = self._validate(trainer, module, datamodule, stage)
+        metrics = {**start, **self._validate(trainer, module, datamodule, stage)}
         for hook in stage.after:
             hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, best, metrics)

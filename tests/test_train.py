@@ -1,0 +1,109 @@
+"""The Hydra entry point: config composition, smoke runs, bad input, the CLI and multirun."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from kvcompress.train import CONF_DIR, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    rng = random.Random(0)
+    path = tmp_path / "corpus.txt"
+    lines = [" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.stage_dir = str(tmp_path / "stages")
+    return cfg
+
+
+def smoke(tmp_path, text_file, *extra: str):
+    return compose_cfg(
+        ["debug=smoke", "data=local", f"data.path={text_file}", f"data.cache_dir={tmp_path / 'cache'}", *extra],
+        tmp_path,
+    )
+
+
+def test_smoke_run_writes_metrics_csv_and_wandb(tmp_path, text_file):
+    metrics = train(smoke(tmp_path, text_file))
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["val_ppl"] == pytest.approx(metrics["val_ppl"]) and saved["val_ppl"] > 1
+    assert set(saved["val_pos_ppl"]) == {"0-16", "16-32"}
+    assert saved["cache"]["bytes_per_token"] == 2 * 2 * 64 * 4  # 2 layers x (K + V) x 64 x fp32
+    assert saved["decode_tokens_per_s"] > 0 and saved["params"]["total"] > 0
+    assert saved["stages"]["lm"]["trainable_params"] == saved["params"]["total"]
+    assert "lm/val_ppl" in (run / "csv" / "metrics.csv").read_text()
+    assert list((run / "wandb").glob("offline-run-*")), "W&B offline run files are missing"
+
+
+def test_second_run_reuses_the_stage(tmp_path, text_file):
+    train(smoke(tmp_path, text_file))
+    again = train(smoke(tmp_path, text_file))
+    assert again["stages"]["lm"]["reused"]
+    retrained = train(smoke(tmp_path, text_file, "phase.reuse=false"))
+    assert not retrained["stages"]["lm"]["reused"]
+
+
+def test_seq_len_over_position_limit_fails_before_training(tmp_path, text_file):
+    cfg = smoke(tmp_path, text_file, "data.seq_len=300", "+model.overrides.max_position_embeddings=256")
+    with pytest.raises(ValueError, match="position limit"):
+        train(cfg)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_empty_dataset_fails_before_training(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cfg = compose_cfg(["debug=smoke", "data=local", f"data.path={empty}", f"data.cache_dir={tmp_path}"], tmp_path)
+    with pytest.raises(ValueError):
+        train(cfg)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_unknown_choice_gets_hydras_message(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="model"):
+        compose_cfg(["model=no_such_model"], tmp_path)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = compose_cfg([f"experiment={experiment}", "debug=smoke"], tmp_path)
+    assert cfg.phase.stages and cfg.model.name
+
+
+def test_cli_multirun_on_shared_data(tmp_path, data_dir):
+    env = {**os.environ, "KVCOMPRESS_DATA_DIR": str(data_dir), "KVCOMPRESS_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable, "-m", "kvcompress.train", "-m", "debug=smoke", "seed=1,2", "logger=csv",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}", f"paths.stage_dir={tmp_path / 'stages'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun").glob("*/metrics.json"))
+    assert len(runs) == 2
+    ppls = [json.loads(p.read_text())["val_ppl"] for p in runs]
+    assert ppls[0] != ppls[1]  # different seeds, different runs
