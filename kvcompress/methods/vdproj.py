@@ -209,7 +209,8 @@ class VDProjCache(LayerCache):
         if attn.compress_k:
             rd, ps, kr = attn.rotary_ndims, attn.pass_size, attn.k_rank
             w_k = attn.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
-            q_abs = torch.einsum("bhtd,hdr->bhtr", q[..., rd:], w_k)  # (B, nh, T, kr)
+            q_pass = q[..., rd:].transpose(0, 1).reshape(nh, B * T, ps)  # (nh, B*T, ps)
+            q_abs = torch.bmm(q_pass, w_k).view(nh, B, T, kr).transpose(0, 1)  # (B, nh, T, kr)
             k_c = self.buffers["k_c"][:, :L]  # (B, L, kr)
             scores = torch.bmm(q_abs.reshape(B, nh * T, kr), k_c.transpose(1, 2)).view(B, nh, T, L)
             if rd:
@@ -223,10 +224,12 @@ class VDProjCache(LayerCache):
         else:
             p = scores.float().softmax(dim=-1).to(scores.dtype)
         # V_c is shared by the heads: one (nh*T, L) @ (L, rank) product per sequence, no per-head copy.
-        pv = torch.bmm(p.reshape(B, nh * T, L), self.buffers["v_c"][:, :L])  # (B, nh * T, rank)
-        w_v = attn.v_restore.weight.view(nh, hs, attn.rank)  # rows of head h: (nh, hs, rank)
-        a = torch.einsum("bhtr,hdr->bhtd", pv.view(B, nh, T, attn.rank), w_v)  # (B, nh, T, hs)
-        return a + attn.v_restore.bias.view(nh, 1, hs)
+        r = attn.rank
+        pv = torch.bmm(p.reshape(B, nh * T, L), self.buffers["v_c"][:, :L])  # (B, nh*T, r)
+        pv = pv.view(B, nh, T, r).transpose(0, 1).reshape(nh, B * T, r)  # (nh, B*T, r), a view when T == 1
+        w_v = attn.v_restore.weight.view(nh, hs, r).transpose(1, 2)  # rows of head h, transposed: (nh, r, hs)
+        a = torch.baddbmm(attn.v_restore.bias.view(nh, 1, hs), pv, w_v)  # (nh, B*T, hs)
+        return a.view(nh, B, T, hs).transpose(0, 1)  # (B, nh, T, hs)
 
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
