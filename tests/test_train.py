@@ -5,9 +5,11 @@ import os
 import random
 import subprocess
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -107,3 +109,77 @@ def test_cli_multirun_on_shared_data(tmp_path, data_dir):
     assert len(runs) == 2
     ppls = [json.loads(p.read_text())["val_ppl"] for p in runs]
     assert ppls[0] != ppls[1]  # different seeds, different runs
+
+
+def stage_state(metrics: dict, stage: str) -> dict:
+    return torch.load(metrics["stages"][stage]["best_checkpoint"], weights_only=False)["state_dict"]
+
+
+def assert_frozen_between(metrics: dict, first: str, second: str, frozen: str) -> int:
+    """Parameters matching `frozen` are bit-identical in the best checkpoints of two stages."""
+    a, b = stage_state(metrics, first), stage_state(metrics, second)
+    names = [n for n in a if fnmatchcase(n, frozen)]
+    assert names
+    for name in names:
+        assert torch.equal(a[name], b[name]), name
+    return len(names)
+
+
+def test_vdproj_two_stage_smoke(tmp_path, text_file):
+    metrics = train(smoke(tmp_path, text_file, "model=vdproj", "phase=two_stage"))
+    recon, lm = metrics["stages"]["recon"], metrics["stages"]["lm"]
+    assert recon["val_recon"] > 0 and lm["val_ppl"] > 1
+    assert recon["trainable_params"] == lm["frozen_params"]  # exactly the projections, frozen in stage 2
+    assert assert_frozen_between(metrics, "recon", "lm", "net.*_compress.*") > 0
+    assert_frozen_between(metrics, "recon", "lm", "net.*_restore.*")
+    assert metrics["cache"]["reduction"] == pytest.approx(1 - (64 + 40) / 128)  # rank 0.625 * 64 = 40
+
+
+def test_vdproj_end_to_end_smoke(tmp_path, text_file):
+    metrics = train(smoke(tmp_path, text_file, "model=vdproj", "phase=end_to_end"))
+    assert metrics["stages"]["e2e"]["val_recon"] > 0 and metrics["val_ppl"] > 1
+
+
+def test_ka_smoke(tmp_path, text_file):
+    metrics = train(smoke(tmp_path, text_file, "model=ka"))
+    assert metrics["cache"]["kind"] == "native" and metrics["cache"]["reduction"] == 0.0
+    assert metrics["decode_tokens_per_s"] > 0
+
+
+def test_ka_adapter_phase_smoke(tmp_path, text_file):
+    overrides = ["model=ka_adapter", "phase=adapter", "cache=ka", "eval.caches=[kv,ka_plain]"]
+    metrics = train(smoke(tmp_path, text_file, *overrides, "eval.autoregressive.enabled=true"))
+    assert "val_ar_ppl" in metrics["stages"]["adapter"]
+    a, b = stage_state(metrics, "base"), stage_state(metrics, "adapter")
+    changed = [n for n in a if not torch.equal(a[n], b[n])]
+    assert changed and all(".ka_adapter." in n for n in changed)  # the base is bit-identical
+    caches = metrics["caches"]
+    assert set(caches) == {"ka", "kv", "ka_plain"}
+    assert all(c["autoregressive_ppl"] > 1 for c in caches.values())
+    assert metrics["parallel_ppl"] > 1 and metrics["autoregressive_ppl"] == caches["ka"]["autoregressive_ppl"]
+
+
+def test_mka_smoke_trains_base_then_only_the_ka_layer(tmp_path, text_file):
+    metrics = train(smoke(tmp_path, text_file, "model=mka", "phase=base_then_frozen_base", "model.init_from=null"))
+    mka = metrics["stages"]["mka"]
+    assert mka["trainable_params"] == 2 * 64 + 3 * (64 * 64 + 64)  # LayerNorm(64) + 3 x Linear(64, 64)
+    assert "start_val_ppl" in mka
+    a, b = stage_state(metrics, "base"), stage_state(metrics, "mka")
+    changed = [n for n in a if not torch.equal(a[n], b[n])]
+    assert changed and all(".attention.mka." in n for n in changed)
+
+
+def test_mka_without_base_weights_fails_before_training(tmp_path, text_file):
+    with pytest.raises(ValueError, match="no base weights"):
+        train(smoke(tmp_path, text_file, "model=mka", "phase=frozen_base", "model.init_from=null"))
+    with pytest.raises(Exception, match="HF_HUB_OFFLINE"):
+        train(smoke(tmp_path, text_file, "model=mka", "phase=frozen_base"))
+    assert not (tmp_path / "stages").exists()
+
+
+def test_cache_that_cannot_serve_the_model_fails_before_training(tmp_path, text_file):
+    with pytest.raises(ValueError, match="cannot serve"):
+        train(smoke(tmp_path, text_file, "model=vdproj", "cache=ka"))
+    with pytest.raises(ValueError, match="cannot serve"):
+        train(smoke(tmp_path, text_file, "model=ka", "cache=kv"))
+    assert not (tmp_path / "stages").exists()
