@@ -62,7 +62,7 @@ class KAAdapterAttention(Attention):
     `build_cache("ka")` picks up `self.ka_adapter`).
     """
 
-    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain")
+    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain", "int8")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, bottleneck: int = 64, target: str = "next") -> None:
         super().__init__(cfg, layer_idx)

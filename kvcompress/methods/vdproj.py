@@ -10,8 +10,9 @@ Decoding never restores cached tokens. Attention is linear in V and softmax rows
 `q_pass_h . (k_c W_kup_h^T + b_h) = (q_pass_h W_kup_h) . k_c + q_pass_h . b_h`, and the last term is
 the same for every key of a query, so it cancels in the softmax and is dropped.
 
-Aux losses (uncached forward with `aux`): "recon" gets `mean((V - V_r)^2)` per layer; with `compress_k`,
-"recon_k" gets `mean((K_pass - K_pass_r)^2)` per layer (over the non-rotary dims of K).
+Aux losses (uncached forward with `aux`): "recon" gets `mean((V - V_r)^2)` per layer and, with `compress_k`,
+also `mean((K_pass - K_pass_r)^2)` per layer (non-rotary K dims), so a stage trained on "recon" trains every
+projection. "recon_k" repeats the K terms alone, for logging: do not weight it on top of "recon".
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ class VDProjAttention(Attention):
         v_m = self.merge_heads(v)  # (B, T, C)
         v_r = self.v_restore(self.v_compress(v_m))  # (B, T, C)
         if aux is not None:
-            aux.setdefault("recon", []).append((v_m - v_r).pow(2).mean())
+            aux.setdefault("recon", []).append(F.mse_loss(v_r, v_m))  # mean((V - V_r)^2), V not detached
         if self.compress_k:
             k_p = self.k_pass_merged(k)  # (B, T, nh * ps)
             k_pr = self.k_restore(self.k_compress(k_p))  # (B, T, nh * ps)
             if aux is not None:
-                aux.setdefault("recon_k", []).append((k_p - k_pr).pow(2).mean())
+                loss_k = F.mse_loss(k_pr, k_p)
+                aux.setdefault("recon", []).append(loss_k)
+                aux.setdefault("recon_k", []).append(loss_k)
             B, T, _ = k_pr.shape
             k_pr = k_pr.view(B, T, self.n_head, self.pass_size).transpose(1, 2)  # (B, nh, T, ps)
             k = torch.cat((k[..., : self.rotary_ndims], k_pr), dim=-1)

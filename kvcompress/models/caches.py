@@ -155,3 +155,43 @@ class KACache(LayerCache):
         a_new = torch.linalg.solve_triangular(-p_new, rhs, upper=False, unitriangular=True)
         self.buffers["a"][:, :, span] = a_new.to(self.buffers["a"].dtype)
         return a_new.to(q.dtype)
+
+
+class Int8KVCache(LayerCache):
+    """K and V quantized to int8 per (token, head), with absmax scales kept in the model's dtype.
+
+    Per token, head and layer it holds `2 * (head_size + scale bytes)` bytes instead of
+    `2 * head_size * element_size`. Lossy: new tokens also attend over their own dequantized K/V,
+    so prefilling in chunks gives the same result as prefilling at once.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
+        super().__init__(batch_size, max_len)
+        values, scales = (batch_size, n_head, max_len, head_size), (batch_size, n_head, max_len, 1)
+        self.dtype = dtype or torch.get_default_dtype()
+        self.buffers = {
+            "k": torch.zeros(values, device=device, dtype=torch.int8),
+            "v": torch.zeros(values, device=device, dtype=torch.int8),
+            "k_scale": torch.zeros(scales, device=device, dtype=self.dtype),
+            "v_scale": torch.zeros(scales, device=device, dtype=self.dtype),
+        }
+
+    @staticmethod
+    def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+        return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        span = self._take(k.shape[-2])
+        for name, x in (("k", k), ("v", v)):
+            quantized, scale = self.quantize(x)
+            self.buffers[name][:, :, span] = quantized
+            self.buffers[f"{name}_scale"][:, :, span] = scale.to(self.dtype)
+
+    def dequantized(self, name: str, dtype: torch.dtype) -> Tensor:
+        n = self.length
+        return self.buffers[name][:, :, :n].to(dtype) * self.buffers[f"{name}_scale"][:, :, :n].to(dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.append(k, v)
+        return attend_causal(q, self.dequantized("k", q.dtype), self.dequantized("v", q.dtype))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import KACache, KVCache, LayerCache
+from kvcompress.models.caches import Int8KVCache, KACache, KVCache, LayerCache
 from kvcompress.models.config import ModelConfig
 
 ATTENTIONS: dict[str, type[Attention]] = {}
@@ -78,7 +78,7 @@ class Attention(nn.Module):
 
     name: ClassVar[str]
     # Cache kinds this attention can decode with; the first is its own ("native") cache.
-    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain")
+    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain", "int8")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -117,6 +117,8 @@ class Attention(nn.Module):
     def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
         if kind == "kv":
             return KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
+        if kind == "int8":
+            return Int8KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
         if kind in ("ka", "ka_plain"):  # [K, A]: with this layer's adapter if it has one, or V' = A
             adapter = getattr(self, "ka_adapter", None) if kind == "ka" else None
             return KACache(batch_size, max_len, self.n_head, self.head_size, adapter, device, dtype)
