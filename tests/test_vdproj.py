@@ -245,3 +245,12 @@ def test_recon_is_zero_for_identity_and_no_aux_without_compress_k():
         model(torch.randint(0, 512, (2, 16)), aux=aux)
     assert set(aux) == {"recon"} and len(aux["recon"]) == model.cfg.n_layer
     assert max(loss.item() for loss in aux["recon"]) < 1e-20
+
+
+def test_rank_as_a_share_of_the_width():
+    cfg = ModelConfig.from_name("pythia-70m", vocab_size=512, attention="vdproj")
+    attn = VDProjAttention(cfg, 0, rank=0.625, compress_k=True, k_rank=0.5)
+    assert attn.rank == 320 and attn.k_rank == 192  # k: half of 8 x (64 - 16) non-rotary dims
+    assert VDProjAttention(cfg, 0, rank=320.0).rank == 320
+    with pytest.raises(ValueError, match="share"):
+        VDProjAttention(cfg, 0, rank=1.5)

@@ -30,6 +30,15 @@ from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 __all__ = ["VDProjAttention", "VDProjCache", "projection_parameters"]
 
 
+def as_width(value: int | float, full: int) -> int:
+    """A width given as an int, or as a share of `full` (a float in (0, 1), e.g. 0.625 of 512 = 320)."""
+    if isinstance(value, float) and not value.is_integer():
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"vdproj width {value} must be an int or a share in (0, 1)")
+        return max(1, round(value * full))
+    return int(value)
+
+
 @register_attention("vdproj")
 class VDProjAttention(Attention):
     """Standard attention whose values (and optionally non-rotary keys) pass through a low-rank bottleneck."""
@@ -37,10 +46,18 @@ class VDProjAttention(Attention):
     cache_kinds: ClassVar[tuple[str, ...]] = ("vdproj",)
 
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, rank: int = 320, compress_k: bool = False, k_rank: int | None = None
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        rank: int | float = 320,
+        compress_k: bool = False,
+        k_rank: int | float | None = None,
     ) -> None:
+        """`rank` / `k_rank`: an int is a width; a float in (0, 1) is a share of the full width."""
         super().__init__(cfg, layer_idx)
         C = cfg.n_embd
+        rank = as_width(rank, C)
+        k_rank = None if k_rank is None else as_width(k_rank, cfg.n_head * (cfg.head_size - cfg.rotary_ndims))
         if not 1 <= rank <= C:
             raise ValueError(
                 f"vdproj rank={rank} must be in [1, n_embd={C}] (V of all heads: n_head={cfg.n_head} x "
