@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_ids as ids
+from helpers import randomized as _randomized
 from torch import Tensor
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
@@ -15,23 +18,11 @@ from kvcompress.methods.ka_adapter import KAAdapter, KAAdapterAttention
 from kvcompress.models import GPTNeoX, KACache, ModelConfig
 from kvcompress.models.gpt_neox import apply_rotary
 
+randomized = partial(_randomized, dtype=torch.float64)
+
 
 def tiny(**kw) -> ModelConfig:
     return ModelConfig.from_name("tiny", **kw)
-
-
-def randomized(model: GPTNeoX, std: float = 0.2, seed: int = 0) -> GPTNeoX:
-    """float64 model with scaled-up random weights, so that attention is far from uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model.eval()
-
-
-def ids(B: int, T: int, vocab: int = 512, seed: int = 0) -> Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_adapter_parameter_counts() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from torch import Tensor
+from helpers import random_ids as ids
+from helpers import randomized as _randomized
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
 from kvcompress.evaluation import autoregressive_token_losses, token_losses
@@ -20,6 +23,8 @@ from kvcompress.methods.mka import (
 from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
 from kvcompress.models.hf import config_to_hf, from_hf_model, save_pretrained
 
+randomized = partial(_randomized, dtype=torch.float64)
+
 
 def tiny(**kw) -> ModelConfig:
     return ModelConfig.from_name("tiny", **kw)
@@ -27,19 +32,6 @@ def tiny(**kw) -> ModelConfig:
 
 def mka_cfg(layers=(-1,), zero_init: bool = True, **kw) -> ModelConfig:
     return tiny(attention="mka", attention_kwargs={"layers": layers, "zero_init": zero_init}, **kw)
-
-
-def randomized(model: GPTNeoX, std: float = 0.2, seed: int = 0) -> GPTNeoX:
-    gen = torch.Generator().manual_seed(seed)
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model.eval()
-
-
-def ids(B: int, T: int, vocab: int = 512, seed: int = 0) -> Tensor:
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_trainable_count_at_pythia_70m_shape() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomized
 
 from kvcompress.methods.vdproj import VDProjAttention, VDProjCache, projection_parameters
 from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
@@ -14,15 +15,6 @@ TINY_K_WIDTH = 4 * (16 - 4)  # non-rotary K dims of all heads
 
 def tiny(**kwargs) -> ModelConfig:
     return ModelConfig.from_name("tiny", attention="vdproj", attention_kwargs=kwargs)
-
-
-def randomized(model: GPTNeoX, std: float = 0.2, seed: int = 0) -> GPTNeoX:
-    """Scaled-up random weights, biases included (so the bias absorption is tested)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model.eval()
 
 
 def vdproj_attentions(model: GPTNeoX) -> list[VDProjAttention]:

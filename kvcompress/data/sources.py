@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvcompress.data.tokenizer import DataUnavailableError, TextTokenizer, data_dir, hub_offline, offline_reason
+from kvcompress.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -304,21 +304,6 @@ def cache_path(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathL
     return Path(cache_dir) / "tokens" / f"{name}-{cache_key(split, tok)[:20]}.npy"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temp file in the same folder, then `os.replace` it: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """The split's token stream and whether it came from the cache (tokenized and cached on a miss)."""
     path = cache_path(split, tok, cache_dir)
@@ -330,7 +315,7 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
         tokens = tokenize_documents(tok, content)  # type: ignore[arg-type]
     else:
         tokens = tokenize_text(tok, content)  # type: ignore[arg-type]
-    _atomic_write(path, lambda f: np.save(f, tokens))
+    atomic_write(path, lambda f: np.save(f, tokens), mode="wb")
     meta = {
         "dataset": split.dataset,
         "split": split.split,
@@ -340,6 +325,6 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
         "tokenizer_sha256": tok.fingerprint,
         "num_tokens": int(tokens.size),
     }
-    _atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
+    atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
     log.info("cached %d tokens at %s", tokens.size, path)
     return tokens, False

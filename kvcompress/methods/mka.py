@@ -172,9 +172,7 @@ class MKAAttention(Attention):
         cache: LayerCache | None = None,
         aux: Aux | None = None,
     ) -> Tensor:
-        q, k, v = self.split_qkv(x, rope)
-        a = self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
-        a = self.merge_heads(a)  # (B, T, C)
+        a = self.merge_heads(self.heads(x, rope, cache, aux))  # (B, T, C)
         if self.mka is not None:
             if cache is not None and not isinstance(cache, MKACache):
                 raise TypeError(f"MKA layer {self.layer_idx} needs an MKACache, got {type(cache).__name__}")

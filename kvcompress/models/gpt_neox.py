@@ -110,9 +110,14 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         aux: Aux | None = None,
     ) -> Tensor:
+        return self.dense(self.merge_heads(self.heads(x, rope, cache, aux)))
+
+    def heads(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache | None = None, aux: Aux | None = None
+    ) -> Tensor:
+        """Per-head attention outputs A (B, nh, T, hs), before W_O; with a cache, its decode path."""
         q, k, v = self.split_qkv(x, rope)
-        a = self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
-        return self.dense(self.merge_heads(a))
+        return self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
 
     def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
         if kind == "kv":
