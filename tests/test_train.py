@@ -23,7 +23,8 @@ WORDS = "the of a model cache key value attention token layer train data loss he
 
 
 @pytest.fixture
-def text_file(tmp_path) -> Path:
+def text_file(tmp_path, data_dir) -> Path:
+    """A small corpus; the runs still need the offline tokenizer (`data_dir` skips without it)."""
     rng = random.Random(0)
     path = tmp_path / "corpus.txt"
     lines = [" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)]
@@ -77,7 +78,7 @@ def test_seq_len_over_position_limit_fails_before_training(tmp_path, text_file):
     assert not (tmp_path / "stages").exists()
 
 
-def test_empty_dataset_fails_before_training(tmp_path):
+def test_empty_dataset_fails_before_training(tmp_path, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cfg = compose_cfg(["debug=smoke", "data=local", f"data.path={empty}", f"data.cache_dir={tmp_path}"], tmp_path)
