@@ -176,3 +176,22 @@ def test_nan_loss_stops_with_a_message(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
         make_runner(tmp_path, [Stage(name="lm", max_epochs=1, patience=None)], net=net).run()
+
+
+def test_stage_hooks_and_stage_callbacks_run_in_order(tmp_path):
+    calls = []
+
+    def hook(label):
+        return lambda **kw: calls.append((label, kw["stage"].name, type(kw["datamodule"]).__name__))
+
+    class Seen(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            calls.append(("callback", pl_module.metric_prefix, "fit"))
+
+    stages = [
+        Stage(name="a", max_epochs=1, patience=None, before=[hook("before")], after=[hook("after")], callbacks=[Seen]),
+        Stage(name="b", max_epochs=1, patience=None, validate_before=True),
+    ]
+    results = make_runner(tmp_path, stages).run()
+    assert calls == [("before", "a", "RandomTokens"), ("callback", "a", "fit"), ("after", "a", "RandomTokens")]
+    assert "start_val_ppl" in results[1].metrics and "start_val_ppl" not in results[0].metrics
