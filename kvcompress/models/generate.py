@@ -50,7 +50,7 @@ def generate(
     step_logits = []
     if use_cache and caches is None:
         caches = model.build_caches(B, T + max_new_tokens, kind=cache)
-    logits = model(input_ids, caches if use_cache else None)[:, -1]
+    logits = model(input_ids, caches if use_cache else None, last_only=True)[:, -1]
     for i in range(max_new_tokens):
         if return_logits:
             step_logits.append(logits)
@@ -59,9 +59,9 @@ def generate(
         if i + 1 == max_new_tokens:
             break
         if use_cache:
-            logits = model(tokens[:, T + i : T + i + 1], caches)[:, -1]
+            logits = model(tokens[:, T + i : T + i + 1], caches, last_only=True)[:, -1]
         else:
-            logits = model(tokens[:, : T + i + 1])[:, -1]
+            logits = model(tokens[:, : T + i + 1], last_only=True)[:, -1]
     if return_logits:
         empty = input_ids.new_zeros((B, 0, model.cfg.vocab_size), dtype=torch.float)
         return tokens, torch.stack(step_logits, dim=1) if step_logits else empty

@@ -182,9 +182,14 @@ class GPTNeoX(nn.Module):
         input_ids: Tensor,
         caches: list[LayerCache] | None = None,
         aux: Aux | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits (B, T, vocab). With `caches`, input_ids continue the cached sequence."""
-        return self.embed_out(self.final_layer_norm(self.trunk(input_ids, caches, aux)))
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (decoding needs no more).
+
+        With `caches`, input_ids continue the cached sequence.
+        """
+        x = self.trunk(input_ids, caches, aux)
+        return self.embed_out(self.final_layer_norm(x[:, -1:] if last_only else x))
 
     def trunk(self, input_ids: Tensor, caches: list[LayerCache] | None = None, aux: Aux | None = None) -> Tensor:
         start = caches[0].length if caches else 0
