@@ -16,11 +16,9 @@ from kvcompress.methods.mka import (
     MKA_PARAM_PATTERN,
     KALayer,
     MKACache,
-    check_base_weights,
     freeze_all_but_mka,
-    from_pretrained_mka,
 )
-from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
+from kvcompress.models import GPTNeoX, KVCache, ModelConfig, build_model, generate
 from kvcompress.models.hf import config_to_hf, from_hf_model, save_pretrained
 
 randomized = partial(_randomized, dtype=torch.float64)
@@ -124,21 +122,15 @@ def test_loads_from_hugging_face_with_only_mka_params_new() -> None:
         torch.testing.assert_close(model(x), standard(x))
 
 
-def test_check_base_weights(tmp_path, monkeypatch) -> None:
+def test_base_weights_load_from_a_directory_and_fail_clearly_without_one(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    missing = tmp_path / "no-such-dir"
     with pytest.raises(FileNotFoundError) as err:
-        check_base_weights(missing, hub_id="kvcompress-test/not-a-model", download=False)
-    assert str(missing) in str(err.value) and "kvcompress-test/not-a-model" in str(err.value)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        check_base_weights(empty)
-
+        build_model("tiny", attention="mka", init_from="kvcompress-test/not-a-model")
+    assert "kvcompress-test/not-a-model" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
     torch.manual_seed(0)
     save_pretrained(GPTNeoX(tiny()), tmp_path / "base")
-    assert check_base_weights(tmp_path / "base") == str(tmp_path / "base")
-    model = from_pretrained_mka(tmp_path / "base", layers=-1)
+    model = build_model("tiny", attention="mka", attention_kwargs={"layers": [-1]}, init_from=str(tmp_path / "base"))
+    assert freeze_all_but_mka(model) == 2 * 64 + 3 * (64 * 64 + 64)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".attention.mka." in n for n in trainable)
     assert model.layers[0].attention.mka is None and model.layers[1].attention.mka is not None

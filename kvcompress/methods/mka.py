@@ -15,12 +15,9 @@ Trainable parameters: names matching `*.attention.mka.*` (`MKA_PARAM_PATTERN`, `
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Iterable
 from fnmatch import fnmatch
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +26,18 @@ from torch import Tensor, nn
 from kvcompress.methods.ka import ka_attention
 from kvcompress.models.caches import LayerCache, attend_causal, causal_mask
 from kvcompress.models.config import ModelConfig
-from kvcompress.models.gpt_neox import Attention, Aux, GPTNeoX, register_attention
+from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 
 __all__ = [
-    "DEFAULT_HUB_ID",
     "MKA_PARAM_PATTERN",
     "KALayer",
     "MKAAttention",
     "MKACache",
-    "check_base_weights",
     "freeze_all_but_mka",
-    "from_pretrained_mka",
     "resolve_layers",
 ]
 
 MKA_PARAM_PATTERN = "*.attention.mka.*"
-DEFAULT_HUB_ID = "EleutherAI/pythia-70m"
-_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
 
 def resolve_layers(layers: int | Iterable[int], n_layer: int) -> tuple[int, ...]:
@@ -192,79 +184,3 @@ def freeze_all_but_mka(model: nn.Module) -> int:
     for name, param in model.named_parameters():
         param.requires_grad_(fnmatch(name, MKA_PARAM_PATTERN))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _has_weights(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and any(any(directory.glob(g)) for g in _WEIGHT_FILES)
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.startswith((".", "~"))
-
-
-def check_base_weights(source: str | os.PathLike, hub_id: str | None = DEFAULT_HUB_ID, download: bool = True) -> str:
-    """A local directory holding the pretrained base (config.json + weights), or a clear error.
-
-    `source` is a `save_pretrained` directory or a Hub id. When it is not an existing directory, the Hub
-    id (`source` itself if it looks like one, else `hub_id`) is looked up in the local Hugging Face cache,
-    then downloaded when `download` and the Hub is allowed (HF_HUB_OFFLINE != 1). Raises
-    FileNotFoundError naming both the path and the Hub id when no weights can be had.
-    """
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir() or not _has_weights(path):
-            raise FileNotFoundError(
-                f"base weights: {str(path)!r} exists but is not a Hugging Face model directory "
-                f"(needs config.json and *.safetensors or pytorch_model*.bin)"
-            )
-        return str(path)
-    is_hub_id = _looks_like_hub_id(str(source))
-    repo = str(source) if is_hub_id else hub_id
-    hint = (
-        f"no pretrained base weights: path {str(path)!r} does not exist and Hub id {repo!r} is "
-        f"{{why}}. Download them first, e.g. `huggingface-cli download {repo or DEFAULT_HUB_ID} "
-        f"--local-dir {'<dir>' if is_hub_id else path}`, or point the base-weights setting at a "
-        f"`save_pretrained` directory."
-    )
-    if repo is None:
-        raise FileNotFoundError(hint.format(why="not set"))
-    cached, _ = _snapshot(repo, local_files_only=True)
-    if cached is None:
-        if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(hint.format(why="not in the local Hugging Face cache and the Hub is offline"))
-        cached, err = _snapshot(repo, local_files_only=False)
-        if cached is None:
-            raise FileNotFoundError(hint.format(why=f"not cached and could not be downloaded ({err})")) from err
-    return cached
-
-
-def _snapshot(repo: str, local_files_only: bool) -> tuple[str | None, Exception | None]:
-    """The snapshot directory of a Hub repo (config + weights only, safetensors preferred), or None and the error."""
-    from huggingface_hub import snapshot_download
-
-    path, error = None, None
-    for weights in (
-        ["*.safetensors", "*.safetensors.index.json"],
-        ["pytorch_model*.bin", "pytorch_model*.bin.index.json"],
-    ):
-        try:
-            path = snapshot_download(repo, allow_patterns=["config.json", *weights], local_files_only=local_files_only)
-        except Exception as err:  # not cached, offline, unknown repo, network errors
-            error = err
-            continue
-        if _has_weights(Path(path)):
-            return path, None
-    return None, error or FileNotFoundError(f"no config.json + weights in {path}")
-
-
-def from_pretrained_mka(
-    source: str | os.PathLike, layers: int | Iterable[int] = (-1,), hub_id: str | None = DEFAULT_HUB_ID, **kwargs: Any
-) -> GPTNeoX:
-    """Pretrained Pythia with MKA layers, base frozen (only `*.attention.mka.*` trains); kwargs: e.g. zero_init."""
-    from kvcompress.models.hf import from_pretrained
-
-    directory = check_base_weights(source, hub_id)
-    attention_kwargs = {"layers": (layers,) if isinstance(layers, int) else tuple(layers), **kwargs}
-    model = from_pretrained(directory, attention="mka", attention_kwargs=attention_kwargs)
-    freeze_all_but_mka(model)
-    return model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,6 @@ def build_model(
         return model
     from kvcompress.models.hf import from_pretrained
 
-    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"no base weights: {init_from!r} is not a local directory or .ckpt, and HF_HUB_OFFLINE=1 forbids the Hub. "
-            "Point model.init_from at a Hugging Face `save_pretrained` directory or a kvcompress checkpoint."
-        )
     overrides_hf = {"attention": attention, "attention_kwargs": kwargs, **dict(overrides or {})}
     model = from_pretrained(str(path) if path.exists() else str(init_from), **overrides_hf)
     return model

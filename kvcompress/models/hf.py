@@ -93,13 +93,23 @@ def load_hf_weights(model: GPTNeoX, hf_state: dict[str, torch.Tensor]) -> None:
 
 
 def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeoX:
-    """Load from a local `save_pretrained` directory or, when online, a Hub name."""
+    """Load from a local `save_pretrained` directory, or a Hub name (downloaded, or from the HF cache offline).
+
+    Raises FileNotFoundError naming both the local path and the Hub id when neither has the weights.
+    """
     from transformers import GPTNeoXForCausalLM
 
-    path = Path(name_or_path)
-    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub")
-    hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path), torch_dtype=torch.float32)
+    try:
+        hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path)).float()
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache was looked at)" if offline else ""
+        raise FileNotFoundError(
+            f"no base weights: {str(Path(name_or_path).expanduser())!r} is not a local model directory and the "
+            f"Hub id {str(name_or_path)!r} could not be loaded{where}. "
+            f"Download it (`huggingface-cli download {name_or_path} --local-dir <dir>`) and pass the directory, "
+            f"or a kvcompress .ckpt. ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
     return from_hf_model(hf_model, **overrides)
 
 
