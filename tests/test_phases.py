@@ -195,3 +195,17 @@ def test_stage_hooks_and_stage_callbacks_run_in_order(tmp_path):
     results = make_runner(tmp_path, stages).run()
     assert calls == [("before", "a", "RandomTokens"), ("callback", "a", "fit"), ("after", "a", "RandomTokens")]
     assert "start_val_ppl" in results[1].metrics and "start_val_ppl" not in results[0].metrics
+    calls.clear()
+    assert all(r.reused for r in make_runner(tmp_path, stages).run())
+    assert calls == [("after", "a", "RandomTokens")]  # a reused stage still feeds what comes after it
+
+
+def test_stage_keys_do_not_depend_on_hook_identity():
+    from functools import partial
+
+    from kvcompress.training.phases import describe
+
+    one = Stage(name="s", after=[partial(print, sep="-")], callbacks=[partial(L.Callback)])
+    two = Stage(name="s", after=[partial(print, sep="-")], callbacks=[partial(L.Callback)])
+    assert one.key_fields() == two.key_fields()
+    assert describe(partial(print, sep="+")) != describe(partial(print, sep="-"))

@@ -9,6 +9,7 @@ reuses the finished stage, and a killed run resumes the interrupted stage from `
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import shutil
@@ -45,8 +46,8 @@ class Stage:
     monitor: str = "val_loss"
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the run's data config
     init: str = "previous"  # "previous" (the weights in hand) or a checkpoint path
-    before: list[Any] = field(default_factory=list)  # hooks run before the fit
-    after: list[Any] = field(default_factory=list)  # hooks run after the fit (e.g. mining)
+    before: list[Any] = field(default_factory=list)  # hooks run before the fit (not when reused)
+    after: list[Any] = field(default_factory=list)  # hooks run after the fit or the reuse (e.g. mining)
     callbacks: list[Any] = field(default_factory=list)  # this stage's own callbacks (factories)
     validate_before: bool = False  # also record the metrics of the starting weights (`start_val_*`)
 
@@ -58,10 +59,16 @@ class Stage:
 
     def key_fields(self) -> dict[str, Any]:
         fields = asdict(self)
-        fields["before"] = [repr(h) for h in self.before]
-        fields["after"] = [repr(h) for h in self.after]
-        fields["callbacks"] = [repr(c) for c in self.callbacks]
+        for name in ("before", "after", "callbacks"):
+            fields[name] = [describe(f) for f in getattr(self, name)]
         return fields
+
+
+def describe(fn: Any) -> str:
+    """A process-independent name for a hook or callback factory (a repr would hold a memory address)."""
+    if isinstance(fn, functools.partial):
+        return f"{describe(fn.func)}(*{fn.args!r}, **{dict(sorted(fn.keywords.items()))!r})"
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
 def set_trainable(net: torch.nn.Module, stage: Stage) -> tuple[int, int]:
@@ -197,6 +204,7 @@ class PhaseRunner:
         if done_file.exists() and self.reuse:
             reused = self._try_reuse(stage, key, folder, trainable, frozen)
             if reused is not None:
+                self._run_hooks(stage.after, stage, datamodule)  # later stages may depend on them
                 return reused
         if folder.exists() and not self.reuse:
             log.info("stage %s: phase.reuse=false, retraining (removing %s)", stage.name, folder)
@@ -213,8 +221,7 @@ class PhaseRunner:
                 log.warning("stage %s: last checkpoint is corrupt, retraining the stage from its start", stage.name)
                 shutil.rmtree(ckpt_dir)
 
-        for hook in stage.before:
-            hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
+        self._run_hooks(stage.before, stage, datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1)
         callbacks: list[L.Callback] = [checkpoint, SaveLast(last), *self.extra_callbacks()]
@@ -238,12 +245,15 @@ class PhaseRunner:
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
         metrics = {**start, **self._validate(trainer, module, datamodule, stage)}
-        for hook in stage.after:
-            hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
+        self._run_hooks(stage.after, stage, datamodule)
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, best, metrics)
         if best:
             atomic_write_json(done_file, asdict(result))
         return result
+
+    def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> None:
+        for hook in hooks:
+            hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
 
     def _log(self, metrics: Mapping[str, float]) -> None:
         for logger in self.loggers:
