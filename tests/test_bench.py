@@ -107,3 +107,17 @@ def test_parse_args_defaults() -> None:
     assert bench.parse_args(["--attention-kwargs", '{"rank": 320}']).attention_kwargs == {"rank": 320}
     with pytest.raises(SystemExit):
         bench.parse_args(["--train-steps", "0"])
+
+
+@pytest.mark.slow
+def test_bench_at_the_pythia_70m_shape(tmp_path):
+    """The real shape on CPU (minutes): same weights must give the same first loss and greedy tokens."""
+    out = tmp_path / "bench.json"
+    bench.main(
+        ["--model", "pythia-70m", "--train-batch", "2", "--seq-len", "32", "--train-steps", "1", "--warmup", "1",
+         "--repeats", "1", "--decode-batches", "1", "--prompt-len", "8", "--new-tokens", "4", "--out", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["checks"]["tokens_match"] is True
+    first = result["checks"]["first_loss"]
+    assert first["ours"] == pytest.approx(first["hf"], rel=1e-5)
