@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import random_ids, randomized
+from helpers import assert_cached_equals_uncached, random_ids, randomized
 
 from kvcompress.methods.ka import ka_attention, ka_attention_reference
-from kvcompress.models import GPTNeoX, ModelConfig, generate
+from kvcompress.models import GPTNeoX, ModelConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -16,10 +16,7 @@ def test_cached_equals_uncached_on_cuda(attention):
     cfg = ModelConfig.from_name("tiny", attention=attention, attention_kwargs=kwargs)
     model = randomized(GPTNeoX(cfg), dtype=torch.float64).cuda()
     prompt = random_ids(3, 7).cuda()
-    tok_c, log_c = generate(model, prompt, 10, use_cache=True, return_logits=True)
-    tok_u, log_u = generate(model, prompt, 10, use_cache=False, return_logits=True)
-    assert torch.equal(tok_c, tok_u)
-    torch.testing.assert_close(log_c, log_u, atol=1e-9, rtol=0)
+    assert_cached_equals_uncached(model, prompt, 10, atol=1e-9)
 
 
 def test_ka_attention_on_cuda_matches_the_reference():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_cached_equals_uncached
 from torch import Tensor
 
 from kvcompress.methods.ka import KAAttention, ka_attention, ka_attention_autograd, ka_attention_reference
-from kvcompress.models import GPTNeoX, KACache, ModelConfig, generate
+from kvcompress.models import GPTNeoX, KACache, ModelConfig
 
 SHAPES = [(2, 3, 1, 8), (2, 3, 2, 8), (2, 3, 5, 16), (2, 3, 37, 8), (1, 2, 64, 4)]
 
@@ -141,15 +142,7 @@ def test_model_uses_ka() -> None:
 def test_cached_matches_uncached(temperature: float) -> None:
     model = _ka_model()
     ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(1))
-    results = []
-    for use_cache in (True, False):
-        gen = torch.Generator().manual_seed(7)
-        results.append(
-            generate(model, ids, 12, temperature=temperature, generator=gen, use_cache=use_cache, return_logits=True)
-        )
-    (tok_c, log_c), (tok_u, log_u) = results
-    assert torch.equal(tok_c, tok_u)
-    assert (log_c - log_u).abs().max() < 1e-10
+    assert_cached_equals_uncached(model, ids, 12, temperature, seed=7)
 
 
 def test_chunked_prefill_matches_uncached() -> None:

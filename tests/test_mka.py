@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import assert_cached_equals_uncached
 from helpers import random_ids as ids
 from helpers import randomized as _randomized
 
@@ -18,7 +19,7 @@ from kvcompress.methods.mka import (
     MKACache,
     freeze_all_but_mka,
 )
-from kvcompress.models import GPTNeoX, KVCache, ModelConfig, build_model, generate
+from kvcompress.models import GPTNeoX, KVCache, ModelConfig, build_model
 from kvcompress.models.hf import config_to_hf, from_hf_model, save_pretrained
 
 randomized = partial(_randomized, dtype=torch.float64)
@@ -94,10 +95,7 @@ def test_zero_init_starts_at_the_base_model_and_trains() -> None:
 def test_cached_equals_uncached(layers) -> None:
     model = randomized(GPTNeoX(mka_cfg(layers=layers, zero_init=False)), std=0.2)
     prompt = ids(2, 5, seed=3)
-    tokens, cached = generate(model, prompt, 6, return_logits=True)
-    tokens_nc, uncached = generate(model, prompt, 6, use_cache=False, return_logits=True)
-    assert torch.equal(tokens, tokens_nc)
-    torch.testing.assert_close(cached, uncached)
+    assert_cached_equals_uncached(model, prompt, 6)
     # Multi-token continuation of a filled cache (the triangular solve with a past).
     x = ids(2, 12, seed=4)
     caches = model.build_caches(2, 12)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from helpers import assert_cached_equals_uncached
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
+from kvcompress.models import GPTNeoX, KVCache, ModelConfig
 from kvcompress.models.hf import from_hf_model, from_pretrained, save_pretrained, to_hf_model
 
 
@@ -86,15 +87,7 @@ def test_hub_name_offline_fails_fast(monkeypatch):
 def test_cached_equals_uncached(name, temperature):
     model = scaled_model(ModelConfig.from_name(name))
     prompt = torch.randint(0, 512, (3, 7))
-    runs = []
-    for use_cache in (True, False):
-        gen = torch.Generator().manual_seed(123)
-        runs.append(
-            generate(model, prompt, 12, temperature=temperature, generator=gen, use_cache=use_cache, return_logits=True)
-        )
-    (tok_c, log_c), (tok_u, log_u) = runs
-    assert torch.equal(tok_c, tok_u)
-    torch.testing.assert_close(log_c, log_u, atol=1e-10, rtol=0)
+    assert_cached_equals_uncached(model, prompt, 12, temperature, seed=123)
 
 
 def test_chunked_prefill_equals_full_forward():

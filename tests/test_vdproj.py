@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomized
+from helpers import assert_cached_equals_uncached, randomized
 
 from kvcompress.methods.vdproj import VDProjAttention, VDProjCache, projection_parameters
 from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
@@ -54,17 +54,10 @@ CACHE_SETTINGS = [dict(rank=40), dict(rank=40, compress_k=True, k_rank=20)]
 def test_cached_equals_uncached(kwargs, temperature):
     model = randomized(GPTNeoX(tiny(**kwargs)).double())
     x = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(2))
-    out = {}
-    for use_cache in (True, False):
-        gen = torch.Generator().manual_seed(3)
-        out[use_cache] = generate(
-            model, x, 12, temperature=temperature, generator=gen, use_cache=use_cache, return_logits=True
-        )
-    assert torch.equal(out[True][0], out[False][0])
-    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-10, rtol=0)
+    tokens = assert_cached_equals_uncached(model, x, 12, temperature, seed=3)
     if temperature > 0:  # the draw really depends on the generator (the test is not vacuously greedy)
         other = generate(model, x, 12, temperature=temperature, generator=torch.Generator().manual_seed(4))
-        assert not torch.equal(other, out[True][0])
+        assert not torch.equal(other, tokens)
 
 
 @pytest.mark.parametrize("kwargs", CACHE_SETTINGS, ids=["v", "v+k"])
