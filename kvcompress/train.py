@@ -110,10 +110,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     net: GPTNeoX = instantiate(cfg.model)
 
-    def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
-        return instantiate(OmegaConf.merge(cfg.data, overrides or {}))
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
 
-    datamodule = make_datamodule({})
+    def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
+        """The run's data (already set up) unless the stage overrides it."""
+        return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
+
     check_before_training(cfg, net, datamodule)
     loggers = build_loggers(cfg)
 

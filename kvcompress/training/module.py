@@ -54,6 +54,7 @@ class LMModule(L.LightningModule):
         self.metric_prefix = metric_prefix
         self.compile = compile
         self.forward_fn: Callable[..., Tensor] = net
+        self.total_steps = 0  # set by configure_optimizers; loss-weight schedules run over it
         vocab = net.cfg.vocab_size
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
@@ -81,8 +82,7 @@ class LMModule(L.LightningModule):
         return token_losses, logits, aux_losses
 
     def progress(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        return self.global_step / total if total and math.isfinite(total) else 0.0
+        return self.global_step / self.total_steps if self.total_steps else 0.0
 
     def objective(self, lm_loss: Tensor, aux_losses: Mapping[str, Tensor]) -> Tensor:
         progress = self.progress()
@@ -138,7 +138,9 @@ class LMModule(L.LightningModule):
         if not params:
             raise ValueError(f"stage {self.metric_prefix!r} has no trainable parameters")
         optimizer = self.optimizer_factory(params=params)
-        schedule = make_schedule(self.scheduler_cfg, int(self.trainer.estimated_stepping_batches))
+        total = self.trainer.estimated_stepping_batches
+        self.total_steps = int(total) if math.isfinite(total) else 0
+        schedule = make_schedule(self.scheduler_cfg, self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
