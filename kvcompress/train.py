@@ -37,6 +37,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "kvc.precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true"
         )
+    if not OmegaConf.has_resolver("kvc.pid"):
+        OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
     if not OmegaConf.has_resolver("kvc.wandb_offline"):
         OmegaConf.register_new_resolver(
             "kvc.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") == "offline"
@@ -104,7 +106,19 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
         raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that are wrong whatever the model and data: fail before anything is built, naming them."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if "lr" in cfg.optimizer:
+        raise ValueError(
+            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
+            "Set phase.stages.<stage>.lr instead."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
+    check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     output_dir = Path(cfg.paths.output_dir)
@@ -139,6 +153,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         extra_callbacks=lambda: build_callbacks(cfg),
         loggers=loggers,
         epochs_cap=cfg.phase.get("epochs_cap"),
+        checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
+        checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
     )
     try:
         results = runner.run()
@@ -156,7 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     "resumed": r.resumed,
                     "trainable_params": r.trainable_params,
                     "frozen_params": r.frozen_params,
-                    "best_checkpoint": r.best_checkpoint,
+                    "weights": r.weights,
                     **r.metrics,
                 }
                 for r in results

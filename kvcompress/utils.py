@@ -1,4 +1,4 @@
-"""Small helpers: atomic writes, stable hashing."""
+"""Small helpers: atomic writes, stable hashing, file hashes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+TEMP_SUFFIX = ".tmp"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "w") -> None:
-    """Write via a temp file in the same folder and `os.replace`, so readers never see half a file."""
+    """Write via a temp file beside `path` (never in $TMPDIR, which may be another filesystem), fsync, then
+    `os.replace`, so readers never see half a file. A kill leaves only a `.<name>.*.tmp` file, which
+    `remove_stale_temp_files` deletes on the next start."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -25,6 +29,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed `atomic_write` calls left under `folder`; returns them."""
+    stale = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -39,3 +51,11 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     """Hash of a JSON-serialisable object, independent of dict order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

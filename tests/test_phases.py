@@ -1,6 +1,7 @@
 """The phase runner: freezing, stage reuse, resume, bad patterns; loss schedules."""
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -69,6 +70,10 @@ TWO_STAGES = [
 ]
 
 
+def best_ckpt(result):
+    return Path(result.weights).parent / "checkpoints" / "best.ckpt"
+
+
 def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_path):
     runner = make_runner(tmp_path, TWO_STAGES)
     before = {k: v.clone() for k, v in runner.net.state_dict().items()}
@@ -78,8 +83,8 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_pat
         changed = not torch.equal(before[name], value)
         assert changed == ("mlp" in name or "dense" in name or "query" in name or "embed" in name or "norm" in name)
     # Stage 2 froze the MLP: its bytes equal stage 1's best checkpoint, and its optimizer never saw them.
-    stage1 = torch.load(results[0].best_checkpoint, weights_only=False)["state_dict"]
-    stage2 = torch.load(results[1].best_checkpoint, weights_only=False)
+    stage1 = torch.load(best_ckpt(results[0]), weights_only=True)["state_dict"]
+    stage2 = torch.load(best_ckpt(results[1]), weights_only=True)
     for name, value in stage1.items():
         if ".mlp." in name:
             assert torch.equal(stage2["state_dict"][name], value), name
@@ -121,23 +126,23 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     with pytest.raises(SystemExit):
         make_runner(tmp_path, stages, extra_callbacks=lambda: [Kill(at_epoch=2)]).run()
     (folder,) = (tmp_path / "stages").iterdir()
-    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1 and not (folder / "done.json").exists()
     (result,) = make_runner(tmp_path, stages).run()
     assert result.resumed and not result.reused
     assert result.metrics["epochs"] == 3
-    final = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    final = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 3 * 4  # 32 samples / batch 8 = 4 steps per epoch, none repeated
 
 
 def test_corrupt_checkpoints_are_retrained_not_loaded(tmp_path, caplog):
     stages = [Stage(name="lm", lr=1e-3, max_epochs=1, patience=None)]
     (first,) = make_runner(tmp_path, stages).run()
-    with open(first.best_checkpoint, "wb") as f:
-        f.write(b"not a checkpoint")
+    with open(first.weights, "wb") as f:
+        f.write(b"not a weights file")
     (again,) = make_runner(tmp_path, stages).run()
     assert not again.reused and not again.resumed
-    assert "cannot be loaded" in caplog.text
+    assert "cannot be trusted" in caplog.text and "weights.safetensors" in caplog.text
 
 
 def test_bad_patterns_fail_before_training(tmp_path):
@@ -201,8 +206,6 @@ def test_stage_hooks_and_stage_callbacks_run_in_order(tmp_path):
 
 
 def test_stage_keys_do_not_depend_on_hook_identity():
-    from functools import partial
-
     from kvcompress.training.phases import describe
 
     one = Stage(name="s", after=[partial(print, sep="-")], callbacks=[partial(L.Callback)])

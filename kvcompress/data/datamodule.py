@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kvcompress.data.sources import (
     ALL,
@@ -49,6 +49,62 @@ class TokenWindowDataset(Dataset):
         if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= len(self))):
             raise ValueError(f"positions must be a 1-D list of ints in [0, {len(self)}), got shape {pos.shape}")
         return TokenWindowDataset(self.tokens, self.window, self.indices[pos])
+
+
+class EpochOrder(Sampler[int]):
+    """Sample order as a pure function of (seed, epoch): a seeded permutation, or stream order without shuffle.
+
+    Lightning calls `set_epoch` before each training epoch, so a resumed run sees the same order as an
+    uninterrupted one. `start` skips the first indices of the next iteration (mid-epoch resume).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(self.order()[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can resume mid-epoch: its `state_dict` (saved in every checkpoint) holds the epoch
+    and the batches served so far, and `load_state_dict` makes the next iteration skip those batches."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool, **kwargs: Any) -> None:
+        self.epoch_order = EpochOrder(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+        super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_order, **kwargs)
+        self.served = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        self.served = 0
+        resume, self._resume = self._resume, None
+        if resume and resume["epoch"] == self.epoch_order.epoch and 0 < resume["batches"] < len(self):
+            self.served = resume["batches"]
+            self.epoch_order.start = self.served * self.batch_size  # type: ignore[operator]
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch_order.epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 class TokenWindowDataModule(LightningDataModule):
@@ -284,19 +340,19 @@ class TokenWindowDataModule(LightningDataModule):
     # --- loaders -------------------------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=batch_size,
+            seed=self.seed,
             shuffle=shuffle,
-            generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:
-        """Shuffled with a seeded generator; `shuffle=False` gives stream order (e.g. to score every window)."""
+        """Shuffled in an order fixed by (seed, epoch); `shuffle=False` gives stream order (e.g. to score every
+        window)."""
         self._ready()
         return self._loader(self.train_dataset, self.batch_size, shuffle)  # type: ignore[arg-type]
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from kvcompress.data.tokenizer import DataUnavailableError, TextTokenizer, data_dir, hub_offline, offline_reason
-from kvcompress.utils import atomic_write
+from kvcompress.utils import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the tokenization / joining rules change: every cached stream is then rebuilt
+CACHE_FORMAT = 2  # bump when the tokenization / joining rules change: every cached stream is then rebuilt
 TRAIN, VAL, ALL = "train", "validation", "all"
 
 
@@ -81,30 +81,36 @@ class SplitSource:
     read: Callable[[], str | Iterable[str]]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _not_text(path: Path, err: UnicodeDecodeError) -> ValueError:
+    reason = f"byte {err.start}: {err.reason}"
+    return ValueError(f"data file {path} is not UTF-8 text ({reason}); give a .txt or .jsonl file")
 
 
 def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_text(path, err) from err
+    if "\x00" in text:
+        raise ValueError(f"data file {path} holds NUL bytes: it is a binary file, not text")
+    return text
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: no string field {text_field!r} (set text_field=...)")
-            yield row[text_field]
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise ValueError(f"{path}:{lineno}: no string field {text_field!r} (set text_field=...)")
+                yield row[text_field]
+        except UnicodeDecodeError as err:
+            raise _not_text(path, err) from err
 
 
 def _local_split(dataset: str, split: str, path: Path, documents: bool, text_field: str) -> SplitSource:
@@ -304,18 +310,45 @@ def cache_path(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathL
     return Path(cache_dir) / "tokens" / f"{name}-{cache_key(split, tok)[:20]}.npy"
 
 
+def _cached_tokens(path: Path) -> np.ndarray | None:
+    """The cached stream at `path` if its metadata (count, dtype, sha256) matches its content; None otherwise.
+
+    A damaged cache (truncated, zeroed, random bytes, a missing or foreign `.json`) is reported by name and
+    rebuilt by the caller. `allow_pickle=False`: a cache file never runs code."""
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(path, allow_pickle=False)
+        problems = []
+        if tokens.ndim != 1 or tokens.size != meta["num_tokens"]:
+            problems.append(f"{tokens.size} tokens, metadata says {meta['num_tokens']}")
+        if str(tokens.dtype) != meta["dtype"]:
+            problems.append(f"dtype {tokens.dtype}, metadata says {meta['dtype']}")
+        elif hashlib.sha256(tokens.tobytes()).hexdigest() != meta["tokens_sha256"]:
+            problems.append("content hash differs from the metadata")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tokens
+    except Exception as err:  # noqa: BLE001 - any damage means rebuild
+        log.warning("token cache %s is damaged (%s: %s); rebuilding it", path, type(err).__name__, err)
+        return None
+
+
 def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> tuple[np.ndarray, bool]:
-    """The split's token stream and whether it came from the cache (tokenized and cached on a miss)."""
+    """The split's token stream and whether it came from the cache (tokenized and cached on a miss or damage)."""
     path = cache_path(split, tok, cache_dir)
-    if path.is_file():
-        return np.load(path), True
+    if path.is_file() or path.with_suffix(".json").is_file():
+        tokens = _cached_tokens(path)
+        if tokens is not None:
+            return tokens, True
     log.info("tokenizing %s %s from %s", split.dataset, split.split, split.origin)
     content = split.read()
     if split.documents:
         tokens = tokenize_documents(tok, content)  # type: ignore[arg-type]
     else:
         tokens = tokenize_text(tok, content)  # type: ignore[arg-type]
-    atomic_write(path, lambda f: np.save(f, tokens), mode="wb")
+    if tokens.size and int(tokens.max()) >= tok.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} produced id {int(tokens.max())} >= its vocab size {tok.vocab_size}")
     meta = {
         "dataset": split.dataset,
         "split": split.split,
@@ -324,7 +357,11 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
         "tokenizer": tok.name,
         "tokenizer_sha256": tok.fingerprint,
         "num_tokens": int(tokens.size),
+        "dtype": str(tokens.dtype),
+        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
     }
+    # The metadata goes last: a kill between the two writes leaves a stream without matching metadata (rebuilt).
+    atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False), mode="wb")
     atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
     log.info("cached %d tokens at %s", tokens.size, path)
     return tokens, False

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import GPTNeoX
+from kvcompress.models.weights import load_weights
 
 
 def build_model(
@@ -20,20 +19,20 @@ def build_model(
 ) -> GPTNeoX:
     """A fresh model, or one starting from `init_from`.
 
-    `init_from` is a kvcompress/Lightning checkpoint (`.ckpt`, weights under `net.`), a local Hugging
-    Face directory, or a Hub name (online only). Weights the chosen attention adds keep their init.
+    `init_from` is a kvcompress weights file (a stage's `weights.safetensors`, or a Lightning `.ckpt` with weights
+    under `net.`, read with `weights_only=True`), a local Hugging Face directory, or a Hub name (online only).
+    Weights the chosen attention adds keep their init.
     """
     kwargs = dict(attention_kwargs or {})
     cfg = ModelConfig.from_name(name, attention=attention, attention_kwargs=kwargs, **dict(overrides or {}))
     if init_from is None:
         return GPTNeoX(cfg)
     path = Path(str(init_from)).expanduser()
-    if path.suffix == ".ckpt":
+    if path.suffix in (".ckpt", ".safetensors"):
         if not path.is_file():
-            raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+            raise FileNotFoundError(f"model.init_from: {path} does not exist")
         model = GPTNeoX(cfg)
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        state = load_weights(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         base = set(GPTNeoX(cfg.with_(attention="standard", attention_kwargs={})).state_dict())
         if unexpected or [k for k in missing if k in base]:

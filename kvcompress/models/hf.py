@@ -100,7 +100,7 @@ def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeo
     from transformers import GPTNeoXForCausalLM
 
     try:
-        hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path)).float()
+        hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path), use_safetensors=True).float()
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache was looked at)" if offline else ""

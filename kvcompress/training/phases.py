@@ -20,15 +20,25 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from kvcompress.models import GPTNeoX
+from kvcompress.models.weights import load_weights, save_weights
 from kvcompress.training.callbacks import PositionwisePPL
+from kvcompress.training.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    ResumableEarlyStopping,
+    StageLock,
+    damaged_checkpoints,
+    stage_checkpoints,
+)
 from kvcompress.training.module import LMModule
-from kvcompress.utils import atomic_write_json, stable_hash
+from kvcompress.utils import atomic_write_json, file_sha256, remove_stale_temp_files, stable_hash
 
 log = logging.getLogger(__name__)
+
+WEIGHTS, DONE = "weights.safetensors", "done.json"
 
 # A hook runs between stages: hook(runner=..., stage=..., net=..., datamodule=...).
 StageHook = Callable[..., None]
@@ -54,6 +64,12 @@ class Stage:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"stage name must be non-empty without '/': {self.name!r}")
+        where = f"phase.stages.{self.name}"
+        require_int(self.max_epochs, f"{where}.max_epochs", minimum=1)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr < float("inf"):
+            raise ValueError(f"{where}.lr must be a positive number, got {self.lr!r}")
+        if self.patience is not None:
+            require_int(self.patience, f"{where}.patience", minimum=0)
         self.train, self.freeze = list(self.train), list(self.freeze)
         self.losses, self.data = dict(self.losses), dict(self.data)
 
@@ -62,6 +78,12 @@ class Stage:
         for name in ("before", "after", "callbacks"):
             fields[name] = [describe(f) for f in getattr(self, name)]
         return fields
+
+
+def require_int(value: Any, setting: str, minimum: int) -> None:
+    """Raise a ValueError naming `setting` unless `value` is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{setting} must be an integer >= {minimum}, got {value!r}")
 
 
 def describe(fn: Any) -> str:
@@ -92,32 +114,9 @@ def set_trainable(net: torch.nn.Module, stage: Stage) -> tuple[int, int]:
     return trainable, frozen
 
 
-def load_net_weights(net: GPTNeoX, ckpt_path: str | Path) -> None:
-    """Load the `net.*` weights of a Lightning checkpoint (raises on a corrupt or foreign file)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state, strict=True)
-
-
-def checkpoint_is_loadable(path: Path) -> bool:
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        return True
-    except Exception as err:  # noqa: BLE001 - any failure means corrupt
-        log.warning("checkpoint %s is corrupt (%s: %s)", path, type(err).__name__, err)
-        return False
-
-
-class SaveLast(L.Callback):
-    """Writes `last.ckpt` after every validation (atomically), whether or not the monitor improved."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run:
-            return
-        trainer.save_checkpoint(self.path)
+def load_net_weights(net: GPTNeoX, path: str | Path) -> None:
+    """Load model weights from a safetensors file or a Lightning checkpoint, safely (no code runs)."""
+    net.load_state_dict(load_weights(path), strict=True)
 
 
 @dataclass
@@ -128,7 +127,7 @@ class StageResult:
     resumed: bool
     trainable_params: int
     frozen_params: int
-    best_checkpoint: str
+    weights: str  # the stage's final (best) weights, a safetensors file in its folder
     metrics: dict[str, Any]
 
 
@@ -139,6 +138,10 @@ class PhaseRunner:
     builds its Trainer (with `loggers`); `make_module(net, stage)` builds its LightningModule.
     `fingerprint` is everything outside the stage that changes its result (model, data, trainer,
     optimizer, seed); it goes into every stage key.
+
+    A stage folder holds `checkpoints/{best,last}.ckpt` while it trains and, once finished, `weights.safetensors`
+    and `done.json` (relative paths and the weights' sha256). Reuse verifies the hash and recomputes the metrics
+    from the weights; anything damaged is reported by name and the stage restarts from its last good state.
     """
 
     def __init__(
@@ -154,12 +157,19 @@ class PhaseRunner:
         extra_callbacks: Callable[[], list[L.Callback]] = list,
         loggers: Sequence[Logger] = (),
         epochs_cap: int | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a phase needs at least one stage")
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique: {names}")
+        if epochs_cap is not None:
+            require_int(epochs_cap, "phase.epochs_cap", minimum=1)
+        for name, value in (("every_n_steps", checkpoint_every_n_steps), ("every_minutes", checkpoint_every_minutes)):
+            if value is not None and not value > 0:
+                raise ValueError(f"checkpoint.{name} must be null or > 0, got {value!r}")
         self.net = net
         self.stages = list(stages)
         self.make_datamodule = make_datamodule
@@ -171,7 +181,10 @@ class PhaseRunner:
         self.extra_callbacks = extra_callbacks
         self.loggers = list(loggers)
         self.epochs_cap = epochs_cap
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.checkpoint_every_minutes = checkpoint_every_minutes
         self.results: list[StageResult] = []
+        self.folder: Path | None = None  # the running stage's folder (hooks may keep their own files there)
 
     def stage_key(self, stage: Stage, parent_key: str) -> str:
         return stable_hash({"stage": stage.key_fields(), "parent": parent_key, "fingerprint": self.fingerprint})
@@ -194,73 +207,153 @@ class PhaseRunner:
 
     def run_stage(self, stage: Stage, parent_key: str) -> StageResult:
         key = self.stage_key(stage, parent_key)
-        folder = self.stage_root / f"{stage.name}-{key}"
-        done_file = folder / "done.json"
-        if stage.init != "previous":
-            load_net_weights(self.net, stage.init)
-        trainable, frozen = set_trainable(self.net, stage)
-        datamodule = self.make_datamodule(stage.data)
-
-        if done_file.exists() and self.reuse:
-            reused = self._try_reuse(stage, key, folder, trainable, frozen)
-            if reused is not None:
-                self._run_hooks(stage.after, stage, datamodule)  # later stages may depend on them
-                return reused
-        if folder.exists() and not self.reuse:
-            log.info("stage %s: phase.reuse=false, retraining (removing %s)", stage.name, folder)
-            shutil.rmtree(folder)
-
-        ckpt_dir = folder / "checkpoints"
-        last = ckpt_dir / "last.ckpt"
-        resume_from = None
-        if last.exists():
-            if checkpoint_is_loadable(last):
-                resume_from = str(last)
-                log.info("stage %s: resuming from %s", stage.name, last)
+        folder = (self.stage_root / f"{stage.name}-{key}").resolve()
+        self.folder = folder
+        with StageLock(folder, stage.name):
+            stale = remove_stale_temp_files(folder)
+            if stale:
+                log.warning("stage %s: removed temp files of an interrupted write: %s", stage.name, stale)
+            if stage.init != "previous":
+                load_net_weights(self.net, stage.init)
+            trainable, frozen = set_trainable(self.net, stage)
+            datamodule = self.make_datamodule(stage.data)
+            if not self.reuse:
+                if clear_folder(folder):
+                    log.info("stage %s: phase.reuse=false, retraining (cleared %s)", stage.name, folder)
             else:
-                log.warning("stage %s: last checkpoint is corrupt, retraining the stage from its start", stage.name)
-                shutil.rmtree(ckpt_dir)
+                done = self._verified_done(stage, folder)
+                if done is not None:
+                    return self._reuse(stage, key, folder, done, datamodule, trainable, frozen)
+            return self._train(stage, key, folder, datamodule, trainable, frozen)
 
+    def _train(
+        self, stage: Stage, key: str, folder: Path, datamodule: L.LightningDataModule, trainable: int, frozen: int
+    ) -> StageResult:
+        ckpt_dir = folder / "checkpoints"
+        resume_from = self._resume_point(stage, ckpt_dir)
+        if resume_from is None:
+            clear_folder(folder)
         self._run_hooks(stage.before, stage, datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
-        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min", save_top_k=1)
-        callbacks: list[L.Callback] = [checkpoint, SaveLast(last), *self.extra_callbacks()]
-        callbacks += [make() for make in stage.callbacks]
-        if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
-            callbacks.append(PositionwisePPL())
+        best, checkpoints = stage_checkpoints(
+            ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
+        )
+        callbacks: list[L.Callback] = [*checkpoints, *self._validation_callbacks(stage)]
         if stage.patience is not None:
-            callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=stage.patience))
+            callbacks.append(ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience))
         max_epochs = stage.max_epochs if self.epochs_cap is None else min(stage.max_epochs, self.epochs_cap)
-        trainer = self.make_trainer(stage, callbacks, max_epochs)
+        trainer = self._make_trainer(stage, callbacks, max_epochs)
         module = self.make_module(self.net, stage)
         self._log({f"{stage.name}/trainable_params": trainable, f"{stage.name}/frozen_params": frozen})
-        start = {}
-        if stage.validate_before and resume_from is None:
-            start = {f"start_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        start_file = folder / "start.json"
+        start: dict[str, Any] = {}
+        if stage.validate_before:  # the starting weights' metrics, kept for a resumed run
+            if resume_from is not None and start_file.is_file():
+                start = json.loads(start_file.read_text())
+            else:
+                start = {f"start_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
+                atomic_write_json(start_file, start)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
-        best = checkpoint.best_model_path or (str(last) if last.exists() else "")
-        if best:
-            load_net_weights(self.net, best)
+        if best.best_model_path:
+            load_net_weights(self.net, best.best_model_path)
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
-        metrics = {**start, **self._validate(trainer, module, datamodule, stage)}
-        self._run_hooks(stage.after, stage, datamodule)
-        result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, best, metrics)
-        if best:
-            atomic_write_json(done_file, asdict(result))
+        metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
+        hooked = self._run_hooks(stage.after, stage, datamodule)
+        metrics.update(hooked)
+        weights = folder / WEIGHTS
+        save_weights(self.net.state_dict(), weights)
+        result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, str(weights), metrics)
+        if best.best_model_path:
+            done = {**asdict(result), "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}
+            atomic_write_json(folder / DONE, done)
         return result
 
-    def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> None:
+    def _resume_point(self, stage: Stage, ckpt_dir: Path) -> str | None:
+        """`last.ckpt` when it and every other checkpoint of the stage are sound; else None (restart the stage)."""
+        last = ckpt_dir / f"{LAST}.ckpt"
+        if not last.is_file():
+            return None
+        problems = damaged_checkpoints(ckpt_dir)
+        if problems:
+            log.warning(
+                "stage %s: damaged checkpoint(s), restarting the stage from its start: %s", stage.name, problems
+            )
+            return None
+        log.info("stage %s: resuming from %s", stage.name, last)
+        return str(last)
+
+    def _verified_done(self, stage: Stage, folder: Path) -> dict[str, Any] | None:
+        """The finished stage's record when its weights are intact; None when there is none or it is damaged."""
+        done_file = folder / DONE
+        if not done_file.exists():
+            return None
+        try:
+            done = json.loads(done_file.read_text())
+            weights = folder / done["weights"]
+            if Path(done["weights"]).is_absolute() or weights.resolve().parent != folder:
+                raise ValueError(f"it names {done['weights']!r}, outside its folder")
+            if file_sha256(weights) != done["weights_sha256"]:
+                raise ValueError(f"{weights} does not match its recorded sha256")
+            load_net_weights(self.net, weights)
+            return done
+        except Exception as err:  # noqa: BLE001 - missing, corrupt, tampered: retrain
+            log.warning("stage %s: finished stage %s cannot be trusted (%s); retraining it", stage.name, done_file, err)
+            clear_folder(folder)
+            return None
+
+    def _reuse(
+        self,
+        stage: Stage,
+        key: str,
+        folder: Path,
+        done: dict[str, Any],
+        datamodule: L.LightningDataModule,
+        trainable: int,
+        frozen: int,
+    ) -> StageResult:
+        """The finished stage's weights are loaded; its metrics are recomputed from them (one validation)."""
+        log.info("stage %s: reusing finished stage %s", stage.name, folder)
+        trainer = self._make_trainer(stage, self._validation_callbacks(stage), 1)
+        module = self.make_module(self.net, stage)
+        recorded = done.get("metrics", {})
+        metrics = {k: v for k, v in recorded.items() if k.startswith("start_") or k == "epochs"}
+        metrics.update(self._validate(trainer, module, datamodule, stage))
+        old, new = recorded.get("val_loss"), metrics.get("val_loss")
+        if isinstance(old, float) and isinstance(new, float) and abs(old - new) > 1e-5 * max(1.0, abs(old)):
+            log.warning("stage %s: recomputed val_loss %.6f differs from the recorded %.6f", stage.name, new, old)
+        metrics.update(self._run_hooks(stage.after, stage, datamodule))  # later stages may depend on them
+        scalars = {f"{stage.name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        self._log({**scalars, f"{stage.name}/reused": 1})
+        return StageResult(stage.name, key, True, False, trainable, frozen, str(folder / WEIGHTS), metrics)
+
+    def _make_trainer(self, stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
+        trainer = self.make_trainer(stage, callbacks, max_epochs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic writes, weights_only reads
+        return trainer
+
+    def _validation_callbacks(self, stage: Stage) -> list[L.Callback]:
+        callbacks: list[L.Callback] = [*self.extra_callbacks(), *(make() for make in stage.callbacks)]
+        if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
+            callbacks.append(PositionwisePPL())
+        return callbacks
+
+    def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> dict:
+        """Runs the hooks; a hook may return metrics (a dict), which join the stage's record."""
+        metrics: dict[str, Any] = {}
         for hook in hooks:
-            hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
+            out = hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
+            if isinstance(out, Mapping):
+                metrics.update(out)
+        return metrics
 
     def _log(self, metrics: Mapping[str, float]) -> None:
         for logger in self.loggers:
             logger.log_metrics(dict(metrics))
 
     def _validate(self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage) -> dict[str, Any]:
-        """Validate the best weights; returns `val_*` metrics without the stage prefix."""
+        """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
         positions = next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL))
         (raw,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         prefix = f"{stage.name}/"
@@ -268,19 +361,14 @@ class PhaseRunner:
             k[len(prefix) :]: float(v) for k, v in raw.items() if k.startswith(prefix) and "val_pos_ppl/" not in k
         }
         metrics["val_pos_ppl"] = dict(positions.last)
-        metrics["epochs"] = trainer.current_epoch
         return metrics
 
-    def _try_reuse(self, stage: Stage, key: str, folder: Path, trainable: int, frozen: int) -> StageResult | None:
-        try:
-            done = json.loads((folder / "done.json").read_text())
-            load_net_weights(self.net, done["best_checkpoint"])
-        except Exception as err:  # noqa: BLE001 - missing/corrupt: retrain
-            log.warning("stage %s: finished stage at %s cannot be loaded (%s); retraining", stage.name, folder, err)
-            shutil.rmtree(folder)
-            return None
-        log.info("stage %s: reusing finished stage %s", stage.name, folder)
-        metrics = done["metrics"]
-        scalars = {f"{stage.name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-        self._log({**scalars, f"{stage.name}/reused": 1})
-        return StageResult(stage.name, key, True, False, trainable, frozen, done["best_checkpoint"], metrics)
+
+def clear_folder(folder: Path) -> bool:
+    """Remove everything in a stage folder but its lock; True if anything was there."""
+    if not folder.is_dir():
+        return False
+    entries = [p for p in folder.iterdir() if p.name != ".lock"]
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return bool(entries)
