@@ -81,8 +81,8 @@ class EpochOrder(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader Lightning can resume mid-epoch: its `state_dict` (saved in every checkpoint) holds the epoch
-    and the batches served so far, and `load_state_dict` makes the next iteration skip those batches."""
+    """A DataLoader that resumes mid-epoch: `position()` is the epoch and the batches served so far, and
+    `resume_at(position)` makes the next iteration of that epoch skip those batches."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool, **kwargs: Any) -> None:
         self.epoch_order = EpochOrder(len(dataset), seed, shuffle)  # type: ignore[arg-type]
@@ -100,11 +100,11 @@ class ResumableLoader(DataLoader):
             self.served += 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
+    def position(self) -> dict[str, int]:
         return {"epoch": self.epoch_order.epoch, "batches": self.served}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+    def resume_at(self, position: dict[str, int]) -> None:
+        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
 
 
 class TokenWindowDataModule(LightningDataModule):
@@ -178,6 +178,8 @@ class TokenWindowDataModule(LightningDataModule):
         self.val_dataset: TokenWindowDataset | None = None
         self.info: dict[str, Any] = {}  # origins, token and window counts: for logs and reports
         self._train_positions: np.ndarray | None = None
+        self._train_loader: ResumableLoader | None = None  # the training loader in use (its position is saved)
+        self._resume_position: dict[str, int] | None = None
 
     # --- loading -------------------------------------------------------------------------------------------------
 
@@ -339,7 +341,7 @@ class TokenWindowDataModule(LightningDataModule):
 
     # --- loaders -------------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> ResumableLoader:
         return ResumableLoader(
             dataset,
             batch_size=batch_size,
@@ -352,9 +354,23 @@ class TokenWindowDataModule(LightningDataModule):
 
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:
         """Shuffled in an order fixed by (seed, epoch); `shuffle=False` gives stream order (e.g. to score every
-        window)."""
+        window). A shuffled loader resumes where a restored checkpoint left off (see `load_state_dict`)."""
         self._ready()
-        return self._loader(self.train_dataset, self.batch_size, shuffle)  # type: ignore[arg-type]
+        loader = self._loader(self.train_dataset, self.batch_size, shuffle)  # type: ignore[arg-type]
+        if shuffle:
+            self._train_loader = loader
+            if self._resume_position is not None:
+                loader.resume_at(self._resume_position)
+                self._resume_position = None
+        return loader
+
+    # Lightning saves these in every checkpoint and restores them before it builds the training loader: a
+    # checkpoint taken mid-epoch resumes with the batches that were still to come.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.position()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         self._ready()

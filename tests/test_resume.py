@@ -1,0 +1,95 @@
+"""Kill -9 a real training run at several points, rerun the same command: metrics.json equals the
+uninterrupted run's (every metric but timings and paths)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
+# Two stages, two epochs each, 4 steps an epoch, a mid-epoch checkpoint every 2 steps.
+RUN = [
+    "debug=smoke",
+    "model=vdproj",
+    "phase=two_stage",
+    "logger=csv",
+    "phase.epochs_cap=2",
+    "checkpoint.every_n_steps=2",
+]
+# Values that may differ between an interrupted and an uninterrupted run: timings, paths, how a stage was obtained.
+VOLATILE = {"decode_tokens_per_s", "weights", "reused", "resumed"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, request) -> Path:
+    if not os.environ.get("KVCOMPRESS_DATA_DIR"):
+        pytest.skip("KVCOMPRESS_DATA_DIR (the offline tokenizer) is not available")
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)))
+    return path
+
+
+def run(root: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "kvcompress.train", *RUN, "data=local", f"data.path={corpus}",
+        f"data.cache_dir={corpus.parent / 'cache'}", f"paths.stage_dir={root / 'stages'}",
+        f"hydra.run.dir={root / 'run'}", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def comparable(obj):
+    if isinstance(obj, dict):
+        return {k: comparable(v) for k, v in obj.items() if k not in VOLATILE}
+    return obj
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    done = run(root, corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((root / "run" / "metrics.json").read_text())
+
+
+def kill_and_resume(tmp_path: Path, corpus: Path, *kill: str) -> dict:
+    killed = run(tmp_path, corpus, "+callbacks.killer._target_=killer.KillAt", *kill)
+    assert killed.returncode == -9, f"the run was not killed: {killed.returncode}\n{killed.stderr[-2000:]}"
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = run(tmp_path, corpus)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for folder in (tmp_path / "stages").iterdir():  # one best file a stage, no temp files left
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        assert not list(folder.rglob("*.tmp"))
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, corpus, uninterrupted):
+    """Killed after step 3 of stage 1's first epoch; last.ckpt is the mid-epoch one of step 2."""
+    resumed = kill_and_resume(tmp_path, corpus, "+callbacks.killer.stage=recon", "+callbacks.killer.step=3")
+    assert resumed["stages"]["recon"]["resumed"] and not resumed["stages"]["lm"]["resumed"]
+    assert comparable(resumed) == comparable(uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill",
+    [
+        ["+callbacks.killer.stage=lm", "+callbacks.killer.point=fit_start"],  # between the stages
+        ["+callbacks.killer.stage=lm", "+callbacks.killer.step=7"],  # mid stage 2, second epoch
+        ["+callbacks.killer.stage=lm", "+callbacks.killer.point=checkpoint_write", "+callbacks.killer.step=6"],
+        ["+callbacks.killer.stage=recon", "+callbacks.killer.step=4"],  # right after an epoch's last step
+    ],
+    ids=["between_stages", "mid_stage_2", "during_checkpoint_write", "end_of_epoch"],
+)
+def test_killed_anywhere_resumes_to_the_same_metrics(tmp_path, corpus, uninterrupted, kill):
+    assert comparable(kill_and_resume(tmp_path, corpus, *kill)) == comparable(uninterrupted)
