@@ -24,6 +24,7 @@ import kvcompress  # noqa: F401  (registers attentions)
 from kvcompress.models import GPTNeoX
 from kvcompress.training import LMModule, PhaseRunner, Stage
 from kvcompress.training.evaluate import run_evaluation
+from kvcompress.training.phases import require_int
 from kvcompress.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,13 @@ def check_settings(cfg: DictConfig) -> None:
             f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
             "Set phase.stages.<stage>.lr instead."
         )
+    if cfg.phase.get("epochs_cap") is not None:
+        require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
+    stages = build_stages(cfg.phase)  # each stage checks its own settings
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     output_dir = Path(cfg.paths.output_dir)
@@ -143,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     runner = PhaseRunner(
         net,
-        build_stages(cfg.phase),
+        stages,
         make_datamodule,
         make_trainer,
         make_module,

@@ -6,63 +6,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from helpers import make_runner
 
 from kvcompress.models import GPTNeoX, ModelConfig
-from kvcompress.training import LMModule, PhaseRunner, Stage, set_trainable
+from kvcompress.training import Stage, set_trainable
 from kvcompress.training.module import loss_weight, make_schedule
-
-
-class RandomTokens(L.LightningDataModule):
-    def __init__(self, n: int = 32, seq_len: int = 16, batch_size: int = 8, vocab: int = 512) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.train = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
-        self.val = torch.randint(0, vocab, (n // 4, seq_len + 1), generator=g)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(
-            TensorDataset(self.train), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b])
-        )
-
-    def val_dataloader(self):
-        return DataLoader(
-            TensorDataset(self.val), batch_size=self.batch_size, collate_fn=lambda b: torch.stack([x[0] for x in b])
-        )
-
-
-def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fingerprint=None):
-    torch.manual_seed(0)
-    net = net or GPTNeoX(ModelConfig.from_name("tiny"))
-
-    def make_trainer(stage, callbacks, max_epochs):
-        return L.Trainer(
-            accelerator="cpu",
-            max_epochs=max_epochs,
-            callbacks=callbacks,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            inference_mode=False,
-        )
-
-    def make_module(model, stage):
-        return LMModule(model, partial(torch.optim.AdamW, lr=stage.lr), losses=stage.losses, metric_prefix=stage.name)
-
-    return PhaseRunner(
-        net,
-        stages,
-        make_datamodule=lambda overrides: RandomTokens(**overrides),
-        make_trainer=make_trainer,
-        make_module=make_module,
-        stage_root=tmp_path / "stages",
-        fingerprint=fingerprint or {"model": "tiny"},
-        reuse=reuse,
-        extra_callbacks=extra_callbacks,
-    )
-
 
 TWO_STAGES = [
     Stage(name="mlp", train=["*.mlp.*"], lr=1e-3, max_epochs=1, patience=None),

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from fnmatch import fnmatchcase
@@ -86,6 +87,36 @@ def test_empty_dataset_fails_before_training(tmp_path, data_dir):
     with pytest.raises(ValueError):
         train(cfg)
     assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("phase.epochs_cap=-1", "phase.epochs_cap must be an integer >= 1"),
+        ("phase.stages.lm.max_epochs=-1", "phase.stages.lm.max_epochs must be an integer >= 1"),
+        ("phase.stages.lm.max_epochs=0", "phase.stages.lm.max_epochs must be an integer >= 1"),
+        ("phase.stages.lm.lr=0", "phase.stages.lm.lr must be a positive number"),
+        ("+optimizer.lr=0.01", "optimizer.lr=0.01 would be ignored"),
+        ("seed=abc", "seed must be an integer, got 'abc'"),
+    ],
+)
+def test_bad_settings_fail_before_training_naming_the_setting(tmp_path, text_file, override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(smoke(tmp_path, text_file, override))
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "cache").exists()  # before any data work
+
+
+def test_binary_data_file_is_named(tmp_path, data_dir):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    cfg = compose_cfg(["debug=smoke", "data=local", f"data.path={binary}", f"data.cache_dir={tmp_path}"], tmp_path)
+    with pytest.raises(ValueError, match=rf"data file {re.escape(str(binary))} is not UTF-8 text"):
+        train(cfg)
+
+
+def test_run_folders_differ_for_launches_in_the_same_second(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.hydra.run.dir.endswith(f"-{os.getpid()}") and cfg.hydra.sweep.dir.endswith(f"-{os.getpid()}")
 
 
 def test_unknown_choice_gets_hydras_message(tmp_path):
