@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kvcompress.data.tokenizer import DataUnavailableError, TextTokenizer, data_dir, hub_offline, offline_reason
-from kvcompress.utils import atomic_write, file_sha256
+from kvcompress.utils import TEMP_SUFFIX, atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +335,15 @@ def _cached_tokens(path: Path) -> np.ndarray | None:
         return None
 
 
+def _remove_old_temp_files(path: Path, min_age_s: float = 3600) -> None:
+    """Temp files of killed cache writes for `path` (old enough that no live writer still owns them)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.stem}.*{TEMP_SUFFIX}"):
+        if now - tmp.stat().st_mtime > min_age_s:
+            log.warning("removing %s, left by an interrupted cache write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """The split's token stream and whether it came from the cache (tokenized and cached on a miss or damage)."""
     path = cache_path(split, tok, cache_dir)
@@ -341,6 +351,7 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
         tokens = _cached_tokens(path)
         if tokens is not None:
             return tokens, True
+    _remove_old_temp_files(path)
     log.info("tokenizing %s %s from %s", split.dataset, split.split, split.origin)
     content = split.read()
     if split.documents:
