@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import kvcompress  # noqa: F401  (registers attentions)
@@ -38,6 +39,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "kvc.precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true"
         )
+    if not OmegaConf.has_resolver("kvc.devices"):  # DDP: every GPU, or 2 CPU processes
+        OmegaConf.register_new_resolver("kvc.devices", lambda: "auto" if torch.cuda.is_available() else 2)
     if not OmegaConf.has_resolver("kvc.pid"):
         OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
     if not OmegaConf.has_resolver("kvc.wandb_offline"):
@@ -182,6 +185,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 for r in results
             },
         }
+        if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
+            return metrics
         device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
         evaluation = run_evaluation(net.to(device), datamodule, OmegaConf.to_container(cfg.eval, resolve=True))
         metrics.update(evaluation)
@@ -208,10 +213,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """What a sweeper minimizes: val PPL, or inf when the cache is over `cache_budget` (a share of KV's bytes)."""
+    budget, cache = cfg.get("cache_budget"), metrics.get("cache") or {}
+    if budget is not None and cache and cache["bytes_per_token"] > budget * cache["kv_bytes_per_token"]:
+        log.warning("cache %.0f B/token is over the budget %s x KV: objective = inf", cache["bytes_per_token"], budget)
+        return float("inf")
+    return metrics.get("val_ppl")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val_ppl")  # the value a sweeper optimizes
+    return objective(cfg, train(cfg))
 
 
 if __name__ == "__main__":

@@ -55,11 +55,16 @@ class EpochOrder(Sampler[int]):
     """Sample order as a pure function of (seed, epoch): a seeded permutation, or stream order without shuffle.
 
     Lightning calls `set_epoch` before each training epoch, so a resumed run sees the same order as an
-    uninterrupted one. `start` skips the first indices of the next iteration (mid-epoch resume).
+    uninterrupted one. `start` skips the first indices of the next iteration (mid-epoch resume). With
+    `num_replicas > 1` (DDP) rank r takes every num_replicas-th index from r, padded like DistributedSampler,
+    so the ranks' batches i together hold the same windows as one process's batch i at num_replicas x the size.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, num_replicas: int = 1) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.num_replicas = rank, num_replicas
         self.epoch = 0
         self.start = 0
 
@@ -67,25 +72,39 @@ class EpochOrder(Sampler[int]):
         self.epoch = int(epoch)
 
     def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        if self.num_replicas > 1:
+            order += order[: len(self) * self.num_replicas - self.n]
+            order = order[self.rank :: self.num_replicas]
+        return order
 
     def __iter__(self):
         start, self.start = self.start, 0
         return iter(self.order()[start:])
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.num_replicas)
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader that resumes mid-epoch: `position()` is the epoch and the batches served so far, and
     `resume_at(position)` makes the next iteration of that epoch skip those batches."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool, **kwargs: Any) -> None:
-        self.epoch_order = EpochOrder(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        rank: int = 0,
+        num_replicas: int = 1,
+        **kwargs,
+    ) -> None:
+        self.epoch_order = EpochOrder(len(dataset), seed, shuffle, rank, num_replicas)  # type: ignore[arg-type]
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_order, **kwargs)
         self.served = 0
         self._resume: dict[str, int] | None = None
@@ -341,12 +360,16 @@ class TokenWindowDataModule(LightningDataModule):
 
     # --- loaders -------------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> ResumableLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, shard: bool = False) -> ResumableLoader:
+        """`shard`: when Lightning trains on several processes, this rank's share of every epoch."""
+        trainer = self.trainer if shard else None
         return ResumableLoader(
             dataset,
             batch_size=batch_size,
             seed=self.seed,
             shuffle=shuffle,
+            rank=trainer.global_rank if trainer else 0,
+            num_replicas=trainer.world_size if trainer else 1,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -356,7 +379,7 @@ class TokenWindowDataModule(LightningDataModule):
         """Shuffled in an order fixed by (seed, epoch); `shuffle=False` gives stream order (e.g. to score every
         window). A shuffled loader resumes where a restored checkpoint left off (see `load_state_dict`)."""
         self._ready()
-        loader = self._loader(self.train_dataset, self.batch_size, shuffle)  # type: ignore[arg-type]
+        loader = self._loader(self.train_dataset, self.batch_size, shuffle, shard=shuffle)  # type: ignore[arg-type]
         if shuffle:
             self._train_loader = loader
             if self._resume_position is not None:
@@ -372,6 +395,7 @@ class TokenWindowDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_position = state_dict.get("train_loader")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, shard: bool = True) -> DataLoader:
+        """Stream order; under DDP each rank gets its share unless `shard=False`."""
         self._ready()
-        return self._loader(self.val_dataset, self.eval_batch_size, False)  # type: ignore[arg-type]
+        return self._loader(self.val_dataset, self.eval_batch_size, False, shard)  # type: ignore[arg-type]

@@ -84,9 +84,12 @@ class AutoregressivePPL(L.Callback):
         if trainer.sanity_checking:
             return
         losses = []
-        for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+        for i, batch in enumerate(trainer.datamodule.val_dataloader()):  # this rank's share under DDP
             if i >= self.max_batches:
                 break
             losses.append(evaluation.autoregressive_token_losses(pl_module.net, batch.to(pl_module.device), self.cache))
+        local = torch.cat(losses).double()
+        total = pl_module.all_gather(local.sum()).sum()  # summed over ranks (a no-op on one process)
+        count = pl_module.all_gather(torch.tensor(float(local.numel()), device=local.device)).sum()
         prefix = getattr(pl_module, "metric_prefix", "lm")
-        pl_module.log(f"{prefix}/val_ar_ppl", evaluation.perplexity(torch.cat(losses)))
+        pl_module.log(f"{prefix}/val_ar_ppl", float(torch.exp(total / count)))

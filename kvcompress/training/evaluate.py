@@ -20,7 +20,7 @@ def kv_bytes_per_token(net: GPTNeoX) -> float:
 
 def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
     batches = []
-    for i, batch in enumerate(datamodule.val_dataloader()):
+    for i, batch in enumerate(datamodule.val_dataloader(shard=False)):  # all of it, also after a DDP fit
         if i >= max_batches:
             break
         batches.append(batch.to(device))

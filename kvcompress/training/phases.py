@@ -8,6 +8,7 @@ reuses the finished stage, and a killed run resumes the interrupted stage from `
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import json
@@ -21,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from kvcompress.models import GPTNeoX
 from kvcompress.models.weights import load_weights, save_weights
@@ -186,6 +188,11 @@ class PhaseRunner:
         self.results: list[StageResult] = []
         self.folder: Path | None = None  # the running stage's folder (hooks may keep their own files there)
 
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 (or the only process) owns the stage folders."""
+        return rank_zero_only.rank == 0
+
     def stage_key(self, stage: Stage, parent_key: str) -> str:
         return stable_hash({"stage": stage.key_fields(), "parent": parent_key, "fingerprint": self.fingerprint})
 
@@ -209,8 +216,9 @@ class PhaseRunner:
         key = self.stage_key(stage, parent_key)
         folder = (self.stage_root / f"{stage.name}-{key}").resolve()
         self.folder = folder
-        with StageLock(folder, stage.name):
-            stale = remove_stale_temp_files(folder)
+        # Under DDP every rank runs this; only rank 0 locks and writes, the others read the same files.
+        with StageLock(folder, stage.name) if self.is_writer else contextlib.nullcontext():
+            stale = remove_stale_temp_files(folder) if self.is_writer else []
             if stale:
                 log.warning("stage %s: removed temp files of an interrupted write: %s", stage.name, stale)
             if stage.init != "previous":
@@ -218,7 +226,7 @@ class PhaseRunner:
             trainable, frozen = set_trainable(self.net, stage)
             datamodule = self.make_datamodule(stage.data)
             if not self.reuse:
-                if clear_folder(folder):
+                if self.is_writer and clear_folder(folder):
                     log.info("stage %s: phase.reuse=false, retraining (cleared %s)", stage.name, folder)
             else:
                 done = self._verified_done(stage, folder)
@@ -231,7 +239,7 @@ class PhaseRunner:
     ) -> StageResult:
         ckpt_dir = folder / "checkpoints"
         resume_from = self._resume_point(stage, ckpt_dir)
-        if resume_from is None:
+        if resume_from is None and self.is_writer:
             clear_folder(folder)
         self._run_hooks(stage.before, stage, datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
@@ -252,7 +260,8 @@ class PhaseRunner:
                 start = json.loads(start_file.read_text())
             else:
                 start = {f"start_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
-                atomic_write_json(start_file, start)
+                if self.is_writer:
+                    atomic_write_json(start_file, start)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
         if best.best_model_path:
@@ -263,8 +272,10 @@ class PhaseRunner:
         hooked = self._run_hooks(stage.after, stage, datamodule)
         metrics.update(hooked)
         weights = folder / WEIGHTS
-        save_weights(self.net.state_dict(), weights)
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, str(weights), metrics)
+        if not self.is_writer:
+            return result
+        save_weights(self.net.state_dict(), weights)
         if best.best_model_path:
             done = {**asdict(result), "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}
             atomic_write_json(folder / DONE, done)
@@ -300,7 +311,8 @@ class PhaseRunner:
             return done
         except Exception as err:  # noqa: BLE001 - missing, corrupt, tampered: retrain
             log.warning("stage %s: finished stage %s cannot be trusted (%s); retraining it", stage.name, done_file, err)
-            clear_folder(folder)
+            if self.is_writer:
+                clear_folder(folder)
             return None
 
     def _reuse(
