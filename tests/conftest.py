@@ -1,4 +1,5 @@
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,17 @@ def data_dir() -> Path:
     if not path or not Path(path).is_dir():
         pytest.skip("KVCOMPRESS_DATA_DIR (the offline shared data) is not available")
     return Path(path)
+
+
+CORPUS_WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small text corpus for whole-run subprocess tests (which still need the offline tokenizer)."""
+    if not os.environ.get("KVCOMPRESS_DATA_DIR"):
+        pytest.skip("KVCOMPRESS_DATA_DIR (the offline tokenizer) is not available")
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(CORPUS_WORDS) for _ in range(40)) + " ." for _ in range(200)))
+    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
 # Two stages, two epochs each, 4 steps an epoch, a mid-epoch checkpoint every 2 steps.
 RUN = [
     "debug=smoke",
@@ -25,16 +23,6 @@ RUN = [
 ]
 # Values that may differ between an interrupted and an uninterrupted run: timings, paths, how a stage was obtained.
 VOLATILE = {"decode_tokens_per_s", "weights", "reused", "resumed"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, request) -> Path:
-    if not os.environ.get("KVCOMPRESS_DATA_DIR"):
-        pytest.skip("KVCOMPRESS_DATA_DIR (the offline tokenizer) is not available")
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)))
-    return path
 
 
 def run(root: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +12,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from kvcompress.train import CONF_DIR
-
-WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    if not os.environ.get("KVCOMPRESS_DATA_DIR"):
-        pytest.skip("KVCOMPRESS_DATA_DIR (the offline tokenizer) is not available")
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)))
-    return path
 
 
 def train_cli(root: Path, corpus: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
