@@ -82,9 +82,11 @@ def test_epoch_order_shards_add_up_to_one_process_batches():
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, corpus):
     """2 CPU processes x batch 8 vs 1 process x batch 16: same windows per step, same val windows."""
     (tmp_path / "ddp").mkdir(), (tmp_path / "one").mkdir()
-    train_cli(tmp_path / "ddp", corpus, "trainer=ddp", "data.batch_size=8")
-    train_cli(tmp_path / "one", corpus, "trainer=cpu", "data.batch_size=16")
+    learn = ["phase.epochs_cap=2", "phase.stages.lm.lr=3e-3"]  # enough steps for the weights to move
+    train_cli(tmp_path / "ddp", corpus, "trainer=ddp", "data.batch_size=8", *learn)
+    train_cli(tmp_path / "one", corpus, "trainer=cpu", "data.batch_size=16", *learn)
     ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert one["val_ppl"] < 20_000 and one["val_acc"] > 0.01  # it learned (untrained: ~47,600 and 0)
     for key in ("val_loss", "val_ppl", "val_acc"):
         assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
     for bucket, ppl in one["val_pos_ppl"].items():
