@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all lint format smoke bench clean
+.PHONY: help install test test-all lint format smoke quickstart bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,15 +19,16 @@ install:  ## create .venv and install torch ($(TORCH)) then the package with dev
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 
-test:  ## fast offline CPU tests (no slow, no gpu)
+test:  ## fast offline CPU tests (no slow, no gpu); says how many need KVCOMPRESS_DATA_DIR
 	$(BIN)/pytest -q
 
 test-all:  ## every test, slow and gpu included (gpu tests skip without CUDA)
 	$(BIN)/pytest -q -m ""
 
-lint:  ## ruff lint and format check
+lint:  ## ruff lint and format check; mypy on kvcompress/models and kvcompress/methods
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format:  ## ruff format and autofix
 	$(BIN)/ruff format .
@@ -35,6 +36,9 @@ format:  ## ruff format and autofix
 
 smoke:  ## a tiny end-to-end training run
 	$(BIN)/python -m kvcompress.train debug=smoke
+
+quickstart:  ## the first real run: a small Pythia learns WikiText-2 in minutes on a CPU
+	$(BIN)/python -m kvcompress.train experiment=quickstart
 
 bench:  ## the benchmark against transformers (writes outputs/bench/bench.json)
 	$(BIN)/python -m kvcompress.bench

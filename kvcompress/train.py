@@ -1,58 +1,77 @@
-"""Training entry point: `python -m kvcompress.train [group=option ...] [-m]`.
+"""Training entry point: `python -m kvcompress.train [group=option ...] [-m]` (`--help` lists the groups).
 
-Builds the model, data, loggers and the phase runner from the Hydra config, runs every stage,
-evaluates the result (val PPL, position-wise PPL, cache bytes per token, decode tokens/s) and
-writes `metrics.json` in the run directory.
+Checks the data and the model first (bad input fails in seconds, with one line), then builds the loggers and
+the phase runner, runs every stage, evaluates the result (val PPL, position-wise PPL, cache bytes per token,
+decode tokens/s) and writes `metrics.json` with the run record (`kvcompress.records`) in the run directory.
+Heavy imports (Lightning) wait until a run starts, so `--help` and a missing data folder answer fast.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-import kvcompress  # noqa: F401  (registers attentions)
-from kvcompress.models import GPTNeoX
-from kvcompress.training import LMModule, PhaseRunner, Stage
-from kvcompress.training.evaluate import run_evaluation
-from kvcompress.training.phases import require_int
+import kvcompress.config  # noqa: F401  (registers the structured configs)
+from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
+from kvcompress.records import FAILURES, register_resolvers, run_record
 from kvcompress.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    from kvcompress.models import GPTNeoX
+    from kvcompress.training import LMModule, Stage
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Trainer settings that do not change what a stage learns (left out of stage keys).
 COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
+# Errors of bad input, raised before anything trains: reported in one line, without a traceback.
+INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, InstantiationException)
 
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("kvc.precision"):
-        OmegaConf.register_new_resolver(
-            "kvc.precision", lambda: "bf16-mixed" if torch.cuda.is_available() else "32-true"
-        )
-    if not OmegaConf.has_resolver("kvc.devices"):  # DDP: every GPU, or 2 CPU processes
-        OmegaConf.register_new_resolver("kvc.devices", lambda: "auto" if torch.cuda.is_available() else 2)
-    if not OmegaConf.has_resolver("kvc.pid"):
-        OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
+
+        def precision() -> str:
+            import torch
+
+            return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+        OmegaConf.register_new_resolver("kvc.precision", precision)
     if not OmegaConf.has_resolver("kvc.wandb_offline"):
         OmegaConf.register_new_resolver(
             "kvc.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") == "offline"
         )
+    if not OmegaConf.has_resolver("kvc.devices"):  # DDP: every GPU, or 2 CPU processes
+
+        def devices() -> str | int:
+            import torch
+
+            return "auto" if torch.cuda.is_available() else 2
+
+        OmegaConf.register_new_resolver("kvc.devices", devices)
+    if not OmegaConf.has_resolver("kvc.pid"):
+        OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
+    register_resolvers()
 
 
 _register_resolvers()
 
 
 def build_stages(phase_cfg: DictConfig) -> list[Stage]:
+    from hydra.utils import instantiate
+
+    from kvcompress.training import Stage
+
     stages = []
     for name, spec in phase_cfg.stages.items():
         spec = OmegaConf.to_container(spec, resolve=True)
@@ -64,13 +83,21 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
+    from hydra.utils import instantiate
+
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[L.Callback]:
+    """The `callbacks` group; the LR monitor only when there is a logger, the progress bar only when enabled."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not with_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks
 
 
@@ -82,11 +109,46 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "seed": cfg.seed,
         "compile": cfg.compile,
         "epochs_cap": cfg.phase.get("epochs_cap"),
     }
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that are wrong whatever the model and data: fail before anything is built, naming them."""
+    from kvcompress.training.phases import require_int
+
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if "lr" in cfg.optimizer:
+        raise ValueError(
+            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
+            "Set phase.stages.<stage>.lr instead."
+        )
+    if cfg.phase.get("epochs_cap") is not None:
+        require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
+
+
+def check_tokenizer(cfg: DictConfig) -> None:
+    """The tokenizer first: without the offline data or the Hub this fails in seconds, before Lightning loads."""
+    load_tokenizer(cfg.data.get("tokenizer") or DEFAULT_TOKENIZER, data_dir=cfg.data.get("data_dir"))
+
+
+def build_net(cfg: DictConfig) -> GPTNeoX:
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.model)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if cause is not None and "size mismatch" in str(cause) and cfg.model.init_from and cfg.model.overrides:
+            raise ValueError(
+                f"model.init_from={cfg.model.init_from} does not fit model.overrides={dict(cfg.model.overrides)} "
+                "(debug=smoke shrinks the shape): drop the overrides, or start from weights of that shape"
+            ) from err
+        raise
 
 
 def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.LightningDataModule) -> None:
@@ -103,61 +165,79 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
         raise ValueError(
             "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "
-            "Hub name, or a kvcompress .ckpt), or use phase=base_then_frozen_base to train the base first"
+            "Hub name, or a kvcompress .ckpt), or use phase=mka_base_then_frozen_base to train the base first"
         )
     datamodule.setup("fit")  # raises on empty or unreachable data
     if getattr(datamodule, "vocab_size", 0) > net.cfg.vocab_size:
         raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Settings that are wrong whatever the model and data: fail before anything is built, naming them."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    if "lr" in cfg.optimizer:
-        raise ValueError(
-            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
-            "Set phase.stages.<stage>.lr instead."
-        )
-    if cfg.phase.get("epochs_cap") is not None:
-        require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
+@dataclass
+class PreparedRun:
+    cfg: DictConfig
+    net: GPTNeoX
+    datamodule: L.LightningDataModule
+    stages: list[Stage]
+    accelerator: str  # "cuda" or "cpu"
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def prepare(cfg: DictConfig) -> PreparedRun:
+    """Everything that fails on bad input: settings, tokenizer, data, model, cache and phase checks. Nothing is
+    written."""
     check_settings(cfg)
     stages = build_stages(cfg.phase)  # each stage checks its own settings
+    check_tokenizer(cfg)
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    output_dir = Path(cfg.paths.output_dir)
-    net: GPTNeoX = instantiate(cfg.model)
-
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")  # data before the model: a missing data set fails before a large model is built
+    net = build_net(cfg)
+    check_before_training(cfg, net, datamodule)
+    accelerator = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
+    return PreparedRun(cfg, net, datamodule, stages, accelerator)
+
+
+def execute(run: PreparedRun) -> dict[str, Any]:
+    """Train every stage, evaluate, log and write `metrics.json`."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from kvcompress.training import LMModule, PhaseRunner
+    from kvcompress.training.evaluate import run_evaluation
+
+    cfg, net, datamodule = run.cfg, run.net, run.datamodule
+    output_dir = Path(cfg.paths.output_dir)
+    record = run_record(cfg, getattr(datamodule, "info", {}), run.accelerator)
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(record)
 
     def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
         """The run's data (already set up) unless the stage overrides it."""
         return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
-
-    check_before_training(cfg, net, datamodule)
-    loggers = build_loggers(cfg)
 
     def make_trainer(stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs)
 
     def make_module(model: GPTNeoX, stage: Stage) -> LMModule:
         optimizer = instantiate(cfg.optimizer, lr=stage.lr)
-        scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
         return LMModule(model, optimizer, scheduler, stage.losses, metric_prefix=stage.name, compile=cfg.compile)
 
     runner = PhaseRunner(
         net,
-        stages,
+        run.stages,
         make_datamodule,
         make_trainer,
         make_module,
         stage_root=cfg.paths.stage_dir,
         fingerprint=fingerprint(cfg),
         reuse=cfg.phase.reuse,
-        extra_callbacks=lambda: build_callbacks(cfg),
+        extra_callbacks=lambda: build_callbacks(cfg, with_logger=bool(loggers)),
         loggers=loggers,
         epochs_cap=cfg.phase.get("epochs_cap"),
         checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
@@ -172,8 +252,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "val_acc": final.metrics.get("val_acc"),
             "val_pos_ppl": final.metrics.get("val_pos_ppl"),
             "params": {"total": net.num_parameters()},
-            "stages": {
-                r.name: {
+            "stages": [  # in run order
+                {
+                    "name": r.name,
                     "key": r.key,
                     "reused": r.reused,
                     "resumed": r.resumed,
@@ -183,24 +264,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     **r.metrics,
                 }
                 for r in results
-            },
+            ],
         }
         if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
             return metrics
-        device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
-        evaluation = run_evaluation(net.to(device), datamodule, OmegaConf.to_container(cfg.eval, resolve=True))
+        eval_cfg = OmegaConf.to_object(cfg.eval)
+        evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)
         metrics.update(evaluation)
+        metrics.update(record)
         for logger in loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()})
+            logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=runner.step)
+            logger.save()  # the CSV is written even when every stage was reused
         atomic_write_json(output_dir / "metrics.json", metrics)
         log.info("metrics written to %s", output_dir / "metrics.json")
         return metrics
     finally:
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
+            logger.finalize("success")
+        close_wandb()
 
-                wandb.finish()
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One run: `prepare` (checks, nothing written) then `execute`."""
+    return execute(prepare(cfg))
+
+
+def close_wandb() -> None:
+    """Finish the W&B run, if any, so one failed job does not poison the next one of a multirun."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -213,6 +308,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def print_config_tree(cfg: DictConfig, path: Path | None = None, show: bool = True) -> None:
+    """The composed config as a rich tree (lightning-hydra-template's `print_config_tree`), saved to `path`."""
+    import rich
+    import rich.syntax
+    import rich.tree
+    from rich.console import Console
+
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    order = ["data", "model", "phase", "cache", "scheduler", "optimizer", "eval", "trainer", "logger", "callbacks"]
+    for name in [*[k for k in order if k in cfg], *[k for k in cfg if k not in order]]:
+        node = cfg[name]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(str(name), style="dim", guide_style="dim").add(rich.syntax.Syntax(text, "yaml"))
+    if show:
+        rich.print(tree)
+    if path is not None:
+        with open(path, "w") as f:
+            Console(file=f, width=120, color_system=None).print(tree)
+
+
 def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     """What a sweeper minimizes: val PPL, or inf when the cache is over `cache_budget` (a share of KV's bytes)."""
     budget, cache = cfg.get("cache_budget"), metrics.get("cache") or {}
@@ -222,9 +337,50 @@ def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     return metrics.get("val_ppl")
 
 
+def one_line(err: BaseException) -> str:
+    """The message of an input error (Hydra's instantiate wraps the real one), on one line."""
+    cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"
+
+
+def run_guarded(cfg: DictConfig) -> float | None:
+    """`train` under a guard (lightning-hydra-template's `task_wrapper`): every failure goes to train.log and
+    W&B is always closed. Bad input (missing data, wrong settings) is one line and exit code 1, no traceback.
+    In a multirun a failed job is recorded (`records.MultirunSummary`) and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    output_dir = Path(cfg.paths.output_dir)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    job = int(HydraConfig.get().job.num) if multirun else -1
+    print_config_tree(cfg, output_dir / "config_tree.log", show=bool(cfg.get("print_config", True)))
+    try:
+        try:
+            run = prepare(cfg)
+        except INPUT_ERRORS as err:
+            message = one_line(err)
+            log.error("%s", message)
+            FAILURES[job] = message
+            if multirun:
+                return float("inf")  # a failed job: the worst score for a sweeper
+            raise SystemExit(1) from None
+        try:
+            return objective(cfg, execute(run))
+        except Exception as err:
+            log.exception("run failed")
+            FAILURES[job] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
+            if multirun:
+                return float("inf")
+            raise
+    finally:
+        close_wandb()
+        log.info("run folder: %s", output_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return objective(cfg, train(cfg))
+    return run_guarded(cfg)
 
 
 if __name__ == "__main__":

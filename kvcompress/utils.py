@@ -20,6 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are world-readable like any other file
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

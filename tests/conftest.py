@@ -48,3 +48,14 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(" ".join(rng.choice(CORPUS_WORDS) for _ in range(40)) + " ." for _ in range(200)))
     return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say how many tests the missing offline data skipped, and how to run them."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "KVCOMPRESS_DATA_DIR" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests need the offline data (WikiText-2 and the Pythia tokenizer) and were skipped: "
+            "run them with KVCOMPRESS_DATA_DIR=/path/to/shared/data make test",
+            yellow=True,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -99,3 +100,68 @@ def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fi
         reuse=reuse,
         extra_callbacks=extra_callbacks,
     )
+
+
+def train_tokenizer(corpus: list[str], path: Path, vocab_size: int = 400) -> str:
+    """A byte-level BPE with "<|endoftext|>", trained on `corpus` in milliseconds, saved as `path` (tokenizer.json).
+
+    For tests that need *a* tokenizer, not Pythia's: they run on any machine, without the offline data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path))
+    return str(path)
+
+
+def wandb_offline_run(run_dir: Path, timeout: float = 20.0) -> dict:
+    """The config, name, group and tags an offline W&B run recorded, read from its `run-*.wandb` file (waiting
+    for W&B's writer process to log the run's exit record).
+
+    The file is W&B's LevelDB-style log (a 7-byte header, then 32 KiB blocks of records, each with a 7-byte
+    header: crc, length, type FULL/FIRST/MIDDLE/LAST) of `wandb_internal_pb2.Record` protobufs."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _read_wandb_records(run_dir)
+        if out["exited"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_wandb_records(run_dir: Path) -> dict:
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunk, out = 7, 32768, b"", {"config": {}, "exited": False}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # FIRST / MIDDLE: the record goes on
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        chunk = b""
+        kind_name = record.WhichOneof("record_type")
+        if kind_name == "run":
+            out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags))
+        update = record.run.config.update if kind_name == "run" else record.config.update
+        if kind_name in ("run", "config"):
+            out["config"].update({item.key: json.loads(item.value_json) for item in update})
+        out["exited"] |= kind_name == "exit"
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import train_tokenizer
 
 from kvcompress.data import DataUnavailableError, TextTokenizer, TokenWindowDataModule, load_tokenizer
 from kvcompress.data import sources as data_sources
@@ -41,19 +42,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 400-token byte-level BPE with "<|endoftext|>", saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([PARAGRAPH, *DOCS], trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
+    """A 400-token byte-level BPE trained on this module's texts."""
+    return train_tokenizer([PARAGRAPH, *DOCS], tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
@@ -367,8 +357,7 @@ def test_hub_path_with_a_fake_hub(tmp_path, tiny_tokenizer, monkeypatch):
     # Online code path, with `datasets.load_dataset` replaced: which id/config/split is asked, how rows are joined.
     import datasets
 
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(data_sources, "hub_offline", lambda: False)
     calls = []
 
     def fake_load_dataset(path, name=None, split=None, revision=None, **kw):

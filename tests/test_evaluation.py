@@ -96,3 +96,21 @@ def test_reversal_probe() -> None:
     parallel = reversal_probe(model, tok, n_facts=2, seed=0)
     for key in ("forward_ppl", "backward_ppl", "ratio"):
         assert cached[key] == pytest.approx(parallel[key], rel=1e-4)
+
+
+def test_torchmetrics_perplexity_matches_exp_mean_ce_but_underflows():
+    # Why LMModule keeps exp(mean per-token CE): torchmetrics' Perplexity is equal on ordinary logits, but it takes
+    # softmax then log, so a target probability below fp32's range gives inf where cross_entropy stays finite.
+    import torch.nn.functional as F
+    from torchmetrics.text import Perplexity
+
+    logits, targets = torch.randn(2, 16, 50) * 3, torch.randint(0, 50, (2, 16))
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    metric = Perplexity()
+    metric.update(logits, targets)
+    torch.testing.assert_close(metric.compute(), ce.mean().exp(), rtol=1e-5, atol=0)
+    logits[0, 0, targets[0, 0]] = -200.0  # p(target) ~ e^-200: 0 in fp32
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    metric = Perplexity()
+    metric.update(logits, targets)
+    assert torch.isinf(metric.compute()) and torch.isfinite(ce.mean().exp())

@@ -1,5 +1,6 @@
 """The phase runner: freezing, stage reuse, resume, bad patterns; loss schedules."""
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from helpers import make_runner
 
 from kvcompress.models import GPTNeoX, ModelConfig
 from kvcompress.training import Stage, set_trainable
-from kvcompress.training.module import loss_weight, make_schedule
+from kvcompress.training.module import loss_weight, make_scheduler
 
 TWO_STAGES = [
     Stage(name="mlp", train=["*.mlp.*"], lr=1e-3, max_epochs=1, patience=None),
@@ -109,16 +110,52 @@ def test_set_trainable_counts():
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["embed_out.weight"]
 
 
-def test_loss_weight_schedule_and_lr_schedule():
+def old_multiplier(step: int, warmup: int, total: int, min_ratio: float, cosine: bool = True) -> float:
+    """The hand-written schedule transformers' replaced (kept here as the reference)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_trace(factory, steps: int, total: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(factory, optimizer, total)
+    trace = []
+    for _ in range(steps):
+        trace.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return trace
+
+
+def test_loss_weight_schedule():
     assert loss_weight(0.5, 0.3) == 0.5
     assert loss_weight({"start": 1.0, "end": 0.0}, 0.25) == pytest.approx(0.75)
     assert loss_weight({"start": 1.0, "end": 0.0}, 2.0) == 0.0
-    cosine = make_schedule({"name": "cosine", "warmup_steps": 10, "min_ratio": 0.1}, total_steps=110)
-    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
-    assert make_schedule({"name": "constant"}, 10)(5) == 1.0
-    with pytest.raises(ValueError):
-        make_schedule({"name": "linear"}, 10)
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_transformers_schedule_equals_the_old_multiplier(cosine):
+    # After warmup the two are equal to float precision; in warmup transformers' starts at 0 (step s gets the
+    # old multiplier of step s - 1): one step later, the same ramp.
+    import transformers
+
+    warmup, total = 10, 110
+    if cosine:
+        factory = partial(
+            transformers.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=warmup, min_lr_rate=0.1
+        )
+    else:
+        factory = partial(transformers.get_constant_schedule_with_warmup, num_warmup_steps=warmup)
+    new = lr_trace(factory, total + 1, total)
+    old = [old_multiplier(s, warmup, total, 0.1, cosine) for s in range(total + 1)]
+    assert new[0] == 0.0
+    assert new[1 : warmup + 1] == pytest.approx(old[:warmup], abs=1e-12)
+    assert new[warmup:] == pytest.approx(old[warmup:], abs=1e-12)
+    assert lr_trace(None, 5, 5) == [1.0] * 5  # no scheduler: constant
 
 
 def test_nan_loss_stops_with_a_message(tmp_path):

@@ -1,6 +1,10 @@
-"""Token-window data: WikiText, the Pile and local files, tokenized once with the Pythia tokenizer and cached."""
+"""Token-window data: WikiText, the Pile and local files, tokenized once with the Pythia tokenizer and cached.
 
-from kvcompress.data.datamodule import TokenWindowDataModule, TokenWindowDataset
+The datamodule (which imports Lightning) loads on first use, so the tokenizer check stays fast.
+"""
+
+from typing import Any
+
 from kvcompress.data.sources import SOURCES
 from kvcompress.data.tokenizer import DataUnavailableError, TextTokenizer, load_tokenizer
 
@@ -12,3 +16,11 @@ __all__ = [
     "TokenWindowDataset",
     "load_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TokenWindowDataModule", "TokenWindowDataset"):
+        from kvcompress.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,9 +7,12 @@ import hashlib
 import logging
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+import huggingface_hub.constants
 from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -24,19 +27,31 @@ class DataUnavailableError(FileNotFoundError):
     """Neither a local copy nor the Hub can provide a tokenizer or a data set."""
 
 
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = ("1", "true", "yes", "on")
-
-
 def hub_offline() -> bool:
-    """True when the environment forbids the Hugging Face Hub (then we never try it: no 50 s retries)."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in _OFFLINE_VARS)
+    """True when the Hub must not be asked (then we never try it: no 25 s of retries).
+
+    huggingface_hub's own offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), or a Hub that cannot be reached:
+    huggingface_hub retries an unreachable Hub for ~25 s, so one quick connection attempt decides first.
+    """
+    return huggingface_hub.constants.is_offline_mode() or not hub_reachable()
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def offline_reason() -> str:
-    """E.g. "HF_HUB_OFFLINE=1 is set" (call only when `hub_offline()`)."""
-    set_vars = [f"{v}={os.environ[v]}" for v in _OFFLINE_VARS if os.environ.get(v, "").strip().lower() in _TRUE]
-    return " and ".join(set_vars) + " is set"
+    """Why the Hub is not tried, e.g. "HF_HUB_OFFLINE=1 is set" (call only when `hub_offline()`)."""
+    if huggingface_hub.constants.is_offline_mode():
+        names = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)]
+        return " and ".join(f"{v}={os.environ[v]}" for v in names) + " is set" if names else "offline mode is on"
+    return f"{huggingface_hub.constants.ENDPOINT} cannot be reached (no network?)"
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -104,7 +119,7 @@ def load_tokenizer(name: str = DEFAULT_TOKENIZER, data_dir: str | os.PathLike | 
     """Load a tokenizer: `name` is a tokenizer.json path, a folder holding one, or a Hub model id.
 
     A Pythia / GPT-NeoX id uses `$KVCOMPRESS_DATA_DIR/tokenizers/gpt-neox-20b/tokenizer.json` when it exists,
-    without asking the Hub. Otherwise the Hub is tried unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.
+    without asking the Hub. Otherwise the Hub is tried unless `hub_offline()`.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -114,14 +129,24 @@ def load_tokenizer(name: str = DEFAULT_TOKENIZER, data_dir: str | os.PathLike | 
     local = local_tokenizer_path(name, data_dir)
     if local is not None and local.is_file():
         return TextTokenizer(_from_file(str(local.resolve())), name, str(local))
-    if local is not None:
-        where = f"no local copy at {local} (nor a file/folder {str(path)!r})"
-    else:
-        where = f"no local file/folder {str(path)!r} (and no offline copy: KVCOMPRESS_DATA_DIR unset or unknown name)"
     if hub_offline():
-        raise DataUnavailableError(f"tokenizer {name!r}: {where}; the Hub id {name!r} is not tried: {offline_reason()}")
+        raise DataUnavailableError(
+            f"tokenizer {name!r} not found: {missing_local(local, path)}, and the Hub id {name!r} is not tried: "
+            f"{offline_reason()}"
+        )
     try:
         tok = Tokenizer.from_pretrained(name)
-    except Exception as e:  # network, missing repo, no tokenizer.json...
-        raise DataUnavailableError(f"tokenizer {name!r}: {where}; loading Hub id {name!r} failed: {e}") from e
+    except Exception as e:  # missing repo, no tokenizer.json...
+        raise DataUnavailableError(
+            f"tokenizer {name!r} not found: {missing_local(local, path)}, and loading the Hub id {name!r} failed: {e}"
+        ) from e
     return TextTokenizer(tok, name, f"hub:{name}")
+
+
+def missing_local(local: Path | None, path: Path) -> str:
+    """Why no local copy was found, naming KVCOMPRESS_DATA_DIR (where the offline copy is looked for)."""
+    if local is not None:
+        return f"no offline copy at {local} (under KVCOMPRESS_DATA_DIR)"
+    if "KVCOMPRESS_DATA_DIR" not in os.environ:
+        return "KVCOMPRESS_DATA_DIR (the offline data folder) is not set"
+    return f"no file or folder {str(path)!r} and no offline copy of that name under KVCOMPRESS_DATA_DIR"

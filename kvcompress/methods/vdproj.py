@@ -192,6 +192,7 @@ class VDProjCache(LayerCache):
         nh, hs, B = attn.n_head, attn.head_size, batch_size
         kw = dict(device=device, dtype=dtype)
         if attn.compress_k:
+            assert attn.k_rank is not None  # compress_k validated it
             self.buffers["k_rot"] = torch.zeros(B, nh, max_len, attn.rotary_ndims, **kw)
             self.buffers["k_c"] = torch.zeros(B, max_len, attn.k_rank, **kw)
         else:
@@ -228,6 +229,7 @@ class VDProjCache(LayerCache):
         q = q * hs**-0.5
         if attn.compress_k:
             rd, ps, kr = attn.rotary_ndims, attn.pass_size, attn.k_rank
+            assert kr is not None  # compress_k validated it
             w_k = attn.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
             q_pass = q[..., rd:].transpose(0, 1).reshape(nh, B * T, ps)  # (nh, B*T, ps)
             q_abs = torch.bmm(q_pass, w_k).view(nh, B, T, kr).transpose(0, 1)  # (B, nh, T, kr)

@@ -6,7 +6,7 @@ variants register by name (`@register_attention("...")`) and are picked by `Mode
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +216,7 @@ class GPTNeoX(nn.Module):
         dtype = dtype or param.dtype
         caches = []
         for layer in self.layers:
-            attn = layer.attention
+            attn = cast(Attention, layer.attention)
             layer_kind = attn.cache_kinds[0] if kind == "native" else kind
             if layer_kind not in attn.cache_kinds:
                 raise ValueError(

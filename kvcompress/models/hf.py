@@ -41,7 +41,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig):
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(
+    # rotary_pct / rotary_emb_base: older names, still read by transformers 5 (its typed stub lacks them).
+    return GPTNeoXConfig(  # type: ignore[call-arg]
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.n_embd,
         num_hidden_layers=cfg.n_layer,
@@ -102,12 +103,14 @@ def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeo
     try:
         hf_model = GPTNeoXForCausalLM.from_pretrained(str(name_or_path), use_safetensors=True).float()
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        from huggingface_hub.constants import is_offline_mode
+
+        offline = is_offline_mode()
         where = " (HF_HUB_OFFLINE=1: only the local Hugging Face cache was looked at)" if offline else ""
         raise FileNotFoundError(
             f"no base weights: {str(Path(name_or_path).expanduser())!r} is not a local model directory and the "
             f"Hub id {str(name_or_path)!r} could not be loaded{where}. "
-            f"Download it (`huggingface-cli download {name_or_path} --local-dir <dir>`) and pass the directory, "
+            f"Download it (`hf download {name_or_path} --local-dir <dir>`) and pass the directory, "
             f"or a kvcompress .ckpt. ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from err
     return from_hf_model(hf_model, **overrides)
@@ -125,7 +128,7 @@ def to_hf_model(model: GPTNeoX):
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise ValueError(f"export mismatch: missing={missing} unexpected={unexpected}")
-    return hf_model.to(next(model.parameters()).dtype)
+    return hf_model.to(next(model.parameters()).dtype)  # type: ignore[arg-type]
 
 
 def save_pretrained(model: GPTNeoX, directory: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from kvcompress import evaluation
+from kvcompress.config import EvalConfig
 from kvcompress.models import GPTNeoX, KVCache
 
 
@@ -28,14 +29,14 @@ def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: to
 
 
 @torch.no_grad()
-def evaluate_cache(net: GPTNeoX, kind: str, cfg: dict[str, Any], batches: list[torch.Tensor]) -> dict[str, Any]:
+def evaluate_cache(net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch.Tensor]) -> dict[str, Any]:
     """Measured size, decode speed and (optionally) autoregressive PPL of one cache kind."""
     ours, kv = evaluation.cache_bytes_per_token(net, cache=kind), kv_bytes_per_token(net)
     out: dict[str, Any] = {"bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv}
-    decode = cfg.get("decode") or {}
-    if decode.get("new_tokens", 0) > 0:
+    decode = cfg.decode
+    if decode.new_tokens > 0:
         out["decode_tokens_per_s"] = evaluation.decode_tokens_per_second(
-            net, decode["batch_size"], decode["prompt_len"], decode["new_tokens"], cache=kind
+            net, decode.batch_size, decode.prompt_len, decode.new_tokens, cache=kind
         )
     if batches:
         losses = torch.cat([evaluation.autoregressive_token_losses(net, b, cache=kind) for b in batches])
@@ -45,14 +46,15 @@ def evaluate_cache(net: GPTNeoX, kind: str, cfg: dict[str, Any], batches: list[t
 
 
 @torch.no_grad()
-def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: dict[str, Any]) -> dict[str, Any]:
-    """`cache` is the run's cache; `caches` lists more to compare (e.g. the report-000 table: kv, ka_plain, ka)."""
+def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """`cfg.cache` is the run's cache; `cfg.caches` lists more to compare (e.g. report 000: kv, ka_plain, ka)."""
+    cfg = cfg or EvalConfig()
     net.eval()
     device = net.embed_out.weight.device
-    main = cfg.get("cache", "native")
-    kinds = [main, *[k for k in cfg.get("caches") or [] if k != main]]
-    ar = cfg.get("autoregressive") or {}
-    batches = _val_batches(datamodule, ar.get("max_batches", 8), device) if ar.get("enabled") else []
+    main = cfg.cache
+    kinds = [main, *[k for k in cfg.caches if k != main]]
+    ar = cfg.autoregressive
+    batches = _val_batches(datamodule, ar.max_batches, device) if ar.enabled else []
     per_cache = {kind: evaluate_cache(net, kind, cfg, batches) for kind in kinds}
     out: dict[str, Any] = {"cache": {"kind": main, **per_cache[main]}, "caches": per_cache}
     if "decode_tokens_per_s" in per_cache[main]:
@@ -60,9 +62,8 @@ def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: dict[st
     if batches:  # the teacher-forced PPL on the same batches, next to the autoregressive one
         out["parallel_ppl"] = evaluation.perplexity(torch.cat([evaluation.token_losses(net, b) for b in batches]))
         out["autoregressive_ppl"] = per_cache[main]["autoregressive_ppl"]
-    reversal = cfg.get("reversal") or {}
-    if reversal.get("enabled"):
+    if cfg.reversal.enabled:
         out["reversal"] = evaluation.reversal_probe(
-            net, datamodule.tokenizer, n_facts=reversal.get("n_facts", 100), cache=main if batches else None
+            net, datamodule.tokenizer, n_facts=cfg.reversal.n_facts, cache=main if batches else None
         )
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -33,7 +35,10 @@ class LMModule(L.LightningModule):
     Losses are named: `lm` is the cross-entropy; any other name is an auxiliary loss that attention
     layers add to the forward's `aux` dict (e.g. `recon` for V-DProj, `adapter` for the KA adapter),
     averaged over layers. `losses` maps names to weights (constants or `{start, end}` schedules).
-    Metrics are logged under `metric_prefix` (the stage name), e.g. `lm/val_ppl`.
+    Metrics are logged under `metric_prefix` (the stage name), e.g. `lm/val_ppl`, the learning rate too
+    (`lm/lr-AdamW`, via the scheduler's name). `scheduler` is a partial `scheduler(optimizer, ...)` such as
+    transformers' `get_cosine_with_min_lr_schedule_with_warmup`, completed with `num_training_steps` (the
+    stage's step total) when it takes one; None: a constant lr.
     Validation steps return per-token losses (B, T) for callbacks such as position-wise PPL.
     """
 
@@ -41,7 +46,7 @@ class LMModule(L.LightningModule):
         self,
         net: GPTNeoX,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Mapping[str, Any] | None = None,
+        scheduler: Callable[..., LRScheduler] | None = None,
         losses: Mapping[str, Any] | None = None,
         metric_prefix: str = "lm",
         compile: bool = False,
@@ -49,7 +54,7 @@ class LMModule(L.LightningModule):
         super().__init__()
         self.net = net
         self.optimizer_factory = optimizer
-        self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0})
+        self.scheduler_factory = scheduler
         self.losses = dict(losses or {"lm": 1.0})
         self.metric_prefix = metric_prefix
         self.compile = compile
@@ -140,25 +145,17 @@ class LMModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         total = self.trainer.estimated_stepping_batches
         self.total_steps = int(total) if math.isfinite(total) else 0
-        schedule = make_schedule(self.scheduler_cfg, self.total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = make_scheduler(self.scheduler_factory, optimizer, self.total_steps)
+        name = f"{self.metric_prefix}/lr-{type(optimizer).__name__}"  # LearningRateMonitor's key
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": name}}
 
 
-def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup, then `constant` or `cosine` decay to `min_ratio`."""
-    name = cfg.get("name", "constant")
-    warmup = int(cfg.get("warmup_steps", 0))
-    min_ratio = float(cfg.get("min_ratio", 0.1))
-    if name not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule {name!r}; use 'constant' or 'cosine'")
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if name == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
+def make_scheduler(
+    factory: Callable[..., LRScheduler] | None, optimizer: torch.optim.Optimizer, total_steps: int
+) -> LRScheduler:
+    """Complete a partial schedule: `factory(optimizer)`, plus `num_training_steps` when it takes it."""
+    if factory is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if "num_training_steps" in inspect.signature(factory).parameters:
+        return factory(optimizer, num_training_steps=total_steps)
+    return factory(optimizer)

@@ -187,6 +187,7 @@ class PhaseRunner:
         self.checkpoint_every_minutes = checkpoint_every_minutes
         self.results: list[StageResult] = []
         self.folder: Path | None = None  # the running stage's folder (hooks may keep their own files there)
+        self.step = 0  # the logging step: runs on from one stage to the next
 
     @property
     def is_writer(self) -> bool:
@@ -269,6 +270,8 @@ class PhaseRunner:
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
         metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
+        metrics["steps"] = trainer.global_step
+        self.step = log_step(trainer)
         hooked = self._run_hooks(stage.after, stage, datamodule)
         metrics.update(hooked)
         weights = folder / WEIGHTS
@@ -330,7 +333,7 @@ class PhaseRunner:
         trainer = self._make_trainer(stage, self._validation_callbacks(stage), 1)
         module = self.make_module(self.net, stage)
         recorded = done.get("metrics", {})
-        metrics = {k: v for k, v in recorded.items() if k.startswith("start_") or k == "epochs"}
+        metrics = {k: v for k, v in recorded.items() if k.startswith("start_") or k in ("epochs", "steps")}
         metrics.update(self._validate(trainer, module, datamodule, stage))
         old, new = recorded.get("val_loss"), metrics.get("val_loss")
         if isinstance(old, float) and isinstance(new, float) and abs(old - new) > 1e-5 * max(1.0, abs(old)):
@@ -338,11 +341,13 @@ class PhaseRunner:
         metrics.update(self._run_hooks(stage.after, stage, datamodule))  # later stages may depend on them
         scalars = {f"{stage.name}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
         self._log({**scalars, f"{stage.name}/reused": 1})
+        self.step += int(metrics.get("steps", 0))
         return StageResult(stage.name, key, True, False, trainable, frozen, str(folder / WEIGHTS), metrics)
 
     def _make_trainer(self, stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         trainer = self.make_trainer(stage, callbacks, max_epochs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic writes, weights_only reads
+        set_log_step(trainer, self.step)  # a resumed fit restores its own (same) value from last.ckpt
         return trainer
 
     def _validation_callbacks(self, stage: Stage) -> list[L.Callback]:
@@ -362,7 +367,7 @@ class PhaseRunner:
 
     def _log(self, metrics: Mapping[str, float]) -> None:
         for logger in self.loggers:
-            logger.log_metrics(dict(metrics))
+            logger.log_metrics(dict(metrics), step=self.step)
 
     def _validate(self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage) -> dict[str, Any]:
         """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
@@ -374,6 +379,16 @@ class PhaseRunner:
         }
         metrics["val_pos_ppl"] = dict(positions.last)
         return metrics
+
+
+def set_log_step(trainer: L.Trainer, step: int) -> None:
+    """Start the trainer's logging step at `step`. Lightning logs every metric at this counter (it is not the
+    optimizer's `global_step`, which schedules use); it has no public setter."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def log_step(trainer: L.Trainer) -> int:
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 def clear_folder(folder: Path) -> bool:

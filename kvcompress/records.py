@@ -1,0 +1,184 @@
+"""Run records: the provenance every `metrics.json`, W&B config and report reads, built in one place;
+and the multirun summary (one line per job).
+
+`run_record` gathers the resolved config and the command-line overrides, where each data split came from
+(file or Hub id, the split used, token and window counts, whether training reads a test split), the code
+version (git commit and dirty flag), the package versions and the device. The resolvers below name and
+tag W&B runs from the same overrides, so the jobs of a sweep differ on the dashboard.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.utils import atomic_write_text
+
+PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tokenizers", "wandb")
+# Overrides that say where a run writes, not what it is: left out of W&B run names.
+FAILURES: dict[int, str] = {}  # multirun job number -> why it failed (written by the run guard)
+_NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.enable_progress_bar", "print_config", "tags")
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (`[]` outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def run_name(task_name: str) -> str:
+    """`task_name` plus the overrides that change the run, e.g. `train:model=vdproj,phase=two_stage,seed=2`."""
+    kept = [o for o in task_overrides() if not o.lstrip("+~").startswith(_NOT_IN_NAME)]
+    return f"{task_name}:{','.join(kept)}" if kept else task_name
+
+
+def run_group(task_name: str) -> str:
+    """One group a sweep: `task_name/<sweep folder>` in a multirun, `task_name` otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{task_name}/{Path(HydraConfig.get().sweep.dir).name}"
+    return task_name
+
+
+def run_tags(tags: Any, *, _root_: DictConfig) -> list[str]:
+    """The user's `tags` plus what the run is: model shape, attention, phase, cache, data source."""
+    from hydra.core.hydra_config import HydraConfig
+
+    phase = HydraConfig.get().runtime.choices.get("phase") if HydraConfig.initialized() else None
+    auto = [_root_.model.name, _root_.model.attention, phase, _root_.cache.name, _root_.data.source]
+    return list(dict.fromkeys([*(tags or []), *(str(t) for t in auto if t)]))
+
+
+def register_resolvers() -> None:
+    for name, fn in {"kvc.run_name": run_name, "kvc.run_group": run_group, "kvc.tags": run_tags}.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def git_state(path: str | Path | None = None) -> dict[str, Any] | None:
+    """{commit, dirty} of the repository holding `path` (this package by default); None outside a repo."""
+    cwd = Path(path or Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("kvcompress", *PACKAGES):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_record(accelerator: str) -> dict[str, Any]:
+    """What ran the training: `accelerator` ("cpu" or "cuda"), the GPU name, the CPU and its thread count."""
+    import torch
+
+    out: dict[str, Any] = {
+        "accelerator": accelerator,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if accelerator == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+        out["gpu_count"] = torch.cuda.device_count()
+    return out
+
+
+def _split_used(origin: str) -> str:
+    """The split a split's text really came from: the Hub split, or the local file's stem (`test`, `valid`...)."""
+    return origin.rsplit(":", 1)[-1] if origin.startswith("hub:") else Path(origin).stem
+
+
+def data_record(info: dict[str, Any]) -> dict[str, Any]:
+    """Per split (train, validation): source, file or Hub id, split used, tokens and windows (available / used),
+    and `train_on_test` (offline WikiText-2 trains on test.txt: a report made that way must say so).
+
+    `info` is `TokenWindowDataModule.info` after `setup()`."""
+    splits = info.get("splits", {})
+    seq_window = int(info.get("seq_len", 0)) + 1
+    used = {"train": info.get("train_windows"), "validation": info.get("val_windows")}
+    out: dict[str, Any] = {"source": info.get("source"), "tokenizer": info.get("tokenizer"), "splits": {}}
+    for name, n_used in used.items():
+        split = splits.get(name) or splits.get("all") or {}
+        origin = str(split.get("origin", ""))
+        hub = origin.startswith("hub:")
+        out["splits"][name] = {
+            "origin": origin,
+            "hub_id" if hub else "file": origin[len("hub:") :].rsplit(":", 1)[0] if hub else origin,
+            "split_used": _split_used(origin),
+            "shared_with_other_split": name not in splits,  # one stream, split into train / val windows
+            "tokens": split.get("tokens"),
+            "windows": split.get("windows"),
+            "windows_used": n_used,
+            "tokens_used": None if n_used is None else n_used * seq_window,
+        }
+    out["train_on_test"] = out["splits"]["train"]["split_used"] == "test"
+    return out
+
+
+def run_record(cfg: DictConfig, data_info: dict[str, Any], accelerator: str) -> dict[str, Any]:
+    """Everything a reader needs to trust a run's numbers (goes into metrics.json and the W&B config)."""
+    keys = [k for k in cfg.keys() if k != "hydra"]  # `hydra` only in tests' compose(return_hydra_config=True)
+    config = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    return {
+        "overrides": task_overrides(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
+        "data": data_record(data_info),
+        "code": git_state(),
+        "versions": package_versions(),
+        "device": device_record(accelerator),
+    }
+
+
+class MultirunSummary(Callback):
+    """After a multirun: one line per job (ok / failed and why), printed and saved as `summary.txt`."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        num = int(config.hydra.job.num)
+        overrides = " ".join(config.hydra.overrides.task) or "(no overrides)"
+        if job_return.status == JobStatus.FAILED:
+            why = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+        else:
+            why = FAILURES.pop(num, "")
+        value = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
+        status = "failed" if why else f"ok      val_ppl={value:.4g}" if isinstance(value, float) else "ok"
+        self.lines.append(f"job {num}: {status}  [{overrides}]" + (f"  {why}" if why else ""))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        text = "\n".join(["multirun summary:", *self.lines]) + "\n"
+        print(text, end="")
+        atomic_write_text(Path(config.hydra.sweep.dir) / "summary.txt", text)
+        if any(": failed" in line for line in self.lines):
+            raise SystemExit(1)
