@@ -13,7 +13,7 @@ from typing import IO, Any
 TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "w") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "w") -> None:
     """Write via a temp file beside `path` (never in $TMPDIR, which may be another filesystem), fsync, then
     `os.replace`, so readers never see half a file. A kill leaves only a `.<name>.*.tmp` file, which
     `remove_stale_temp_files` deletes on the next start."""
