@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,6 +244,7 @@ def execute(run: PreparedRun) -> dict[str, Any]:
         checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
         checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
     )
+    status = "failed"
     try:
         results = runner.run()
         final = results[-1]
@@ -267,6 +269,7 @@ def execute(run: PreparedRun) -> dict[str, Any]:
             ],
         }
         if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
+            status = "success"
             return metrics
         eval_cfg = OmegaConf.to_object(cfg.eval)
         evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)
@@ -277,10 +280,11 @@ def execute(run: PreparedRun) -> dict[str, Any]:
             logger.save()  # the CSV is written even when every stage was reused
         atomic_write_json(output_dir / "metrics.json", metrics)
         log.info("metrics written to %s", output_dir / "metrics.json")
+        status = "success"
         return metrics
     finally:
         for logger in loggers:
-            logger.finalize("success")
+            logger.finalize(status)
         close_wandb()
 
 
@@ -291,8 +295,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def close_wandb() -> None:
     """Finish the W&B run, if any, so one failed job does not poison the next one of a multirun."""
-    import sys
-
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
