@@ -220,6 +220,26 @@ def test_cli_multirun_on_shared_data(tmp_path, data_dir):
     assert len(runs) == 2
     ppls = [json.loads(p.read_text())["val_ppl"] for p in runs]
     assert ppls[0] != ppls[1]  # different seeds, different runs
+    summary = (tmp_path / "multirun" / "summary.txt").read_text().splitlines()
+    assert summary[0] == "multirun summary:" and all(": ok" in line for line in summary[1:]) and len(summary) == 3
+
+
+def test_multirun_summary_names_a_failed_job_and_the_sweep_fails(tmp_path, text_file):
+    tokenizer = text_file.with_name("tokenizer.json")
+    cmd = [
+        sys.executable, "-m", "kvcompress.train", "-m", "debug=smoke", "logger=none", "print_config=false",
+        "data=local", f"data.path={text_file}", f"data.tokenizer={tokenizer}", "data.seq_len=32,3000",
+        f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        f"paths.stage_dir={tmp_path / 'stages'}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(CONF_DIR).parent)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    summary = (tmp_path / "multirun" / "summary.txt").read_text().splitlines()
+    assert summary[1].startswith("job 0: ok") and "data.seq_len=32" in summary[1]
+    assert summary[2].startswith("job 1: failed") and "max_position_embeddings=2048" in summary[2]
+    assert "multirun summary:" in done.stdout
+    assert "max_position_embeddings" in (tmp_path / "multirun" / "1" / "train.log").read_text()
 
 
 def stage(metrics: dict, name: str) -> dict:
