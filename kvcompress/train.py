@@ -192,6 +192,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     import torch
     from hydra.utils import instantiate
 
+    if logging.getLogger().handlers:  # under Hydra, whose handlers print and file every record: say it once
+        logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule: L.LightningDataModule = instantiate(cfg.data)

@@ -239,6 +239,7 @@ def test_multirun_summary_names_a_failed_job_and_the_sweep_fails(tmp_path, text_
     assert summary[1].startswith("job 0: ok") and "data.seq_len=32" in summary[1]
     assert summary[2].startswith("job 1: failed") and "max_position_embeddings=2048" in summary[2]
     assert "multirun summary:" in done.stdout
+    assert (done.stdout + done.stderr).count("Seed set to 42") == 2  # once a job: Lightning's lines are not doubled
     assert "max_position_embeddings" in (tmp_path / "multirun" / "1" / "train.log").read_text()
 
 
