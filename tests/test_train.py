@@ -220,6 +220,9 @@ def test_cli_multirun_on_shared_data(tmp_path, data_dir):
     assert len(runs) == 2
     ppls = [json.loads(p.read_text())["val_ppl"] for p in runs]
     assert ppls[0] != ppls[1]  # different seeds, different runs
+    data = json.loads(runs[0].read_text())["data"]  # offline WikiText-2: the record says it trained on test.txt
+    assert data["train_on_test"] is True and data["splits"]["train"]["split_used"] == "test"
+    assert data["splits"]["validation"]["file"].endswith("wikitext-2/valid.txt")
     summary = (tmp_path / "multirun" / "summary.txt").read_text().splitlines()
     assert summary[0] == "multirun summary:" and all(": ok" in line for line in summary[1:]) and len(summary) == 3
 
@@ -339,6 +342,7 @@ def test_offline_without_data_fails_fast_with_one_line(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "KVCOMPRESS_DATA_DIR" in log and "HF_HUB_OFFLINE=1" in log
     assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "outputs").exists()
+    assert "_target_: kvcompress.data.TokenWindowDataModule" in (tmp_path / "run" / "config_tree.log").read_text()
 
 
 def test_eval_is_a_structured_config(tmp_path):
