@@ -119,8 +119,6 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def check_settings(cfg: DictConfig) -> None:
     """Settings that are wrong whatever the model and data: fail before anything is built, naming them."""
-    from kvcompress.training.phases import require_int
-
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if "lr" in cfg.optimizer:
@@ -129,6 +127,8 @@ def check_settings(cfg: DictConfig) -> None:
             "Set phase.stages.<stage>.lr instead."
         )
     if cfg.phase.get("epochs_cap") is not None:
+        from kvcompress.training.phases import require_int  # (imports Lightning: only when needed)
+
         require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
 
 
@@ -186,8 +186,8 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     """Everything that fails on bad input: settings, tokenizer, data, model, cache and phase checks. Nothing is
     written."""
     check_settings(cfg)
+    check_tokenizer(cfg)  # before anything imports Lightning (seconds): a missing data folder answers at once
     stages = build_stages(cfg.phase)  # each stage checks its own settings
-    check_tokenizer(cfg)
     import lightning as L
     import torch
     from hydra.utils import instantiate

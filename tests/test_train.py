@@ -333,8 +333,11 @@ def test_offline_without_data_fails_fast_with_one_line(tmp_path):
     start = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     elapsed = time.monotonic() - start
+    start = time.monotonic()  # the baseline, under the same machine load: starting Python and importing the entry
+    subprocess.run([sys.executable, "-c", "import kvcompress.train"], env=env, check=True, timeout=120)
+    imports = time.monotonic() - start
     assert done.returncode == 1
-    assert elapsed < 10, elapsed
+    assert elapsed < imports + 5, (elapsed, imports)  # the lookup itself fails in seconds (the Hub retried ~25 s)
     output = (done.stdout + done.stderr).strip().splitlines()
     errors = [line for line in output if "ERROR" in line]
     assert len(errors) == 1 and "Traceback" not in done.stderr
