@@ -1,9 +1,10 @@
 """Every `python -m kvcompress.train` command of the README runs in its smoke form (`debug=smoke`).
 
 A sweep (`-m a=x,y`, or an experiment's `hydra.sweeper.params`) runs each of its command-line jobs and
-the first job of a config sweep (the others are composed). The data is a small local corpus with a tiny
-tokenizer, so this runs on any machine; `<pythia dir>` placeholders become a Hugging Face folder of the
-smoke shape (`PYTHIA_DIR`).
+the first job of a config sweep (the others are composed). Commands that need other processes, a GPU or a
+cluster (DDP, FSDP, submitit launchers, Optuna) are composed here; `tests/test_scale.py` runs them.
+The data is a small local corpus with a tiny tokenizer, so this runs on any machine; `<pythia dir>`
+placeholders become a Hugging Face folder of the smoke shape (`PYTHIA_DIR`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from kvcompress.train import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = re.compile(r"python -m kvcompress\.train\b([^`\n#]*)")
+# Run in their own processes (tests/test_scale.py): composed here.
+ELSEWHERE = ("trainer=ddp", "trainer=fsdp", "hydra/launcher=", "hparams_search=")
 WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
 
 
 def readme_commands() -> list[str]:
-    found = [m.group(1).strip() for m in COMMAND.finditer((REPO / "README.md").read_text())]
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    found = [m.group(1).strip() for m in COMMAND.finditer(text)]
     return list(dict.fromkeys(c for c in found if "--help" not in c))
 
 
@@ -99,6 +103,9 @@ def smoke_cfg(job: list[str], data: dict[str, str], run_dir: Path):
 def test_readme_command_runs_in_smoke_form(command, smoke_data, tmp_path):
     for i, job in enumerate(jobs(command)):
         cfg = smoke_cfg(job, smoke_data, tmp_path / f"job{i}")
+        if any(t.startswith(ELSEWHERE) for t in job):
+            assert cfg.phase.stages and cfg.model.name
+            continue
         sweep = dict(cfg.hydra.sweeper.params or {})
         for key, values in sweep.items():  # an experiment's own sweep: compose every value, run the first
             for value in str(values).split(",")[1:]:
