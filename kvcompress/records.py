@@ -23,7 +23,7 @@ from kvcompress.utils import atomic_write_text
 
 PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "torchmetrics", "tokenizers", "wandb")
 # Overrides that say where a run writes, not what it is: left out of W&B run names.
-FAILURES: dict[int, str] = {}  # multirun job number -> why it failed (written by the run guard)
+FAILURE_FILE = "failure.txt"  # why a run failed, in its own folder (written by the run guard, read by the summary)
 _NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.enable_progress_bar", "print_config", "tags")
 
 
@@ -158,10 +158,12 @@ def run_record(cfg: DictConfig, data_info: dict[str, Any], accelerator: str) -> 
 
 
 class MultirunSummary(Callback):
-    """After a multirun: one line per job (ok / failed and why), printed and saved as `summary.txt`."""
+    """After a multirun: one line per job (ok / failed and why), printed and saved as `summary.txt`.
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    Each job leaves its line in its own folder (`job_status.txt`), so jobs that ran in other processes
+    (a submitit launcher) are summarized too."""
+
+    STATUS_FILE = "job_status.txt"
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -170,15 +172,22 @@ class MultirunSummary(Callback):
         overrides = " ".join(config.hydra.overrides.task) or "(no overrides)"
         if job_return.status == JobStatus.FAILED:
             why = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-        else:
-            why = FAILURES.pop(num, "")
+        else:  # the run guard turned an error into a score: it left the reason in the job's folder
+            failure = Path(config.hydra.runtime.output_dir) / FAILURE_FILE
+            why = failure.read_text().strip() if failure.is_file() else ""
         value = job_return._return_value if job_return.status == JobStatus.COMPLETED else None
         status = "failed" if why else f"ok      val_ppl={value:.4g}" if isinstance(value, float) else "ok"
-        self.lines.append(f"job {num}: {status}  [{overrides}]" + (f"  {why}" if why else ""))
+        line = f"job {num}: {status}  [{overrides}]" + (f"  {why}" if why else "")
+        atomic_write_text(Path(config.hydra.runtime.output_dir) / self.STATUS_FILE, line + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        text = "\n".join(["multirun summary:", *self.lines]) + "\n"
+        sweep = Path(config.hydra.sweep.dir)
+        files = sorted(
+            sweep.glob(f"*/{self.STATUS_FILE}"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+        )
+        lines = [f.read_text().strip() for f in files]
+        text = "\n".join(["multirun summary:", *lines]) + "\n"
         print(text, end="")
-        atomic_write_text(Path(config.hydra.sweep.dir) / "summary.txt", text)
-        if any(": failed" in line for line in self.lines):
+        atomic_write_text(sweep / "summary.txt", text)
+        if any(": failed" in line for line in lines):
             raise SystemExit(1)

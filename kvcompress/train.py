@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import kvcompress.config  # noqa: F401  (registers the structured configs)
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
-from kvcompress.records import FAILURES, register_resolvers, run_record
-from kvcompress.utils import atomic_write_json
+from kvcompress.records import FAILURE_FILE, register_resolvers, run_record
+from kvcompress.utils import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import lightning as L
@@ -357,7 +357,6 @@ def run_guarded(cfg: DictConfig) -> float | None:
 
     output_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    job = int(HydraConfig.get().job.num) if multirun else -1
     print_config_tree(cfg, output_dir / "config_tree.log", show=bool(cfg.get("print_config", True)))
     try:
         try:
@@ -365,7 +364,7 @@ def run_guarded(cfg: DictConfig) -> float | None:
         except INPUT_ERRORS as err:
             message = one_line(err)
             log.error("%s", message)
-            FAILURES[job] = message
+            atomic_write_text(output_dir / FAILURE_FILE, message + "\n")
             if multirun:
                 return float("inf")  # a failed job: the worst score for a sweeper
             raise SystemExit(1) from None
@@ -373,7 +372,8 @@ def run_guarded(cfg: DictConfig) -> float | None:
             return objective(cfg, execute(run))
         except Exception as err:
             log.exception("run failed")
-            FAILURES[job] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
+            why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
+            atomic_write_text(output_dir / FAILURE_FILE, why + "\n")
             if multirun:
                 return float("inf")
             raise

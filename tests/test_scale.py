@@ -14,7 +14,9 @@ from hydra.core.global_hydra import GlobalHydra
 from kvcompress.train import CONF_DIR
 
 
-def train_cli(root: Path, corpus: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+def train_cli(
+    root: Path, corpus: Path, *overrides: str, multirun: bool = False, returncode: int = 0
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "kvcompress.train", *(["-m"] if multirun else []), "debug=smoke", "logger=csv",
         "data=local", f"data.path={corpus}", f"data.cache_dir={corpus.parent / 'cache'}",
@@ -22,7 +24,7 @@ def train_cli(root: Path, corpus: Path, *overrides: str, multirun: bool = False)
         *overrides,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == returncode, done.stderr[-4000:]
     return done
 
 
@@ -128,3 +130,23 @@ def test_optuna_three_trial_smoke_search(tmp_path, corpus):
     results = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in results and "best_value" in results
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 3
+
+
+def assert_first_job_failed_alone(sweep: Path) -> None:
+    """Job 0 failed (its train.log says why, the summary names it); job 1 still ran to its metrics.json."""
+    assert not (sweep / "0" / "metrics.json").exists()
+    assert "max_position_embeddings" in (sweep / "0" / "train.log").read_text()
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["val_ppl"] > 1
+    summary = (sweep / "summary.txt").read_text()
+    assert "job 0: failed" in summary and "job 1: ok" in summary
+
+
+def test_a_failing_job_does_not_stop_or_poison_the_next(tmp_path, corpus):
+    train_cli(tmp_path, corpus, "data.seq_len=3000,32", multirun=True, returncode=1)
+    assert_first_job_failed_alone(tmp_path / "sweep")
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_a_submitit_sweep(tmp_path, corpus):
+    train_cli(tmp_path, corpus, "hydra/launcher=local", "data.seq_len=3000,32", multirun=True, returncode=1)
+    assert_first_job_failed_alone(tmp_path / "sweep")
