@@ -271,6 +271,7 @@ class PhaseRunner:
         metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
         hooked = self._run_hooks(stage.after, stage, datamodule)
         metrics.update(hooked)
+        self._log({f"{stage.name}/{k}": v for k, v in hooked.items() if isinstance(v, int | float)})
         weights = folder / WEIGHTS
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, str(weights), metrics)
         if not self.is_writer:
