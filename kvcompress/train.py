@@ -210,6 +210,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(evaluation)
         for logger in loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()})
+            logger.save()  # metrics logged after the last fit (hooks, evaluation) are buffered until now
         atomic_write_json(output_dir / "metrics.json", metrics)
         log.info("metrics written to %s", output_dir / "metrics.json")
         return metrics

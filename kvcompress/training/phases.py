@@ -241,7 +241,7 @@ class PhaseRunner:
         resume_from = self._resume_point(stage, ckpt_dir)
         if resume_from is None and self.is_writer:
             clear_folder(folder)
-        self._run_hooks(stage.before, stage, datamodule)
+        before = self._run_hooks(stage.before, stage, datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
         best, checkpoints = stage_checkpoints(
             ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
@@ -269,7 +269,7 @@ class PhaseRunner:
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
         metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
-        hooked = self._run_hooks(stage.after, stage, datamodule)
+        hooked = {**before, **self._run_hooks(stage.after, stage, datamodule)}
         metrics.update(hooked)
         self._log({f"{stage.name}/{k}": v for k, v in hooked.items() if isinstance(v, int | float)})
         weights = folder / WEIGHTS
