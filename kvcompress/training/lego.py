@@ -61,10 +61,11 @@ class LegoModule(LMModule):
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
         ids, weight = split_batch(batch)
-        return {
-            name: weighted_mean(token_cross_entropy(logits, ids[:, 1:]), weight)
-            for name, logits in self.exit_logits(ids).items()
-        }
+        if set(self.losses) == {"deep"}:  # the full forward: no shallow head to compute
+            exits = {"deep": self.net(ids[:, :-1])}
+        else:
+            exits = self.exit_logits(ids)
+        return {name: weighted_mean(token_cross_entropy(logits, ids[:, 1:]), weight) for name, logits in exits.items()}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         ids, _ = split_batch(batch)
