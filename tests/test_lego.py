@@ -266,3 +266,25 @@ def test_lego_phase_smoke(tmp_path, text_file):
     sample = train(smoke(tmp_path, text_file, "model=lego", "phase=lego", "phase.selection=sample", *LIGHT_BENCH))
     assert sample["stages"]["shallow"]["reused"] and not sample["stages"]["deep"]["reused"]
     assert sample["stages"]["deep"]["hard_windows"] == round(0.5 * 86)
+
+
+def test_token_weights_follow_their_windows(tmp_path, text_file):
+    from kvcompress.data import TokenWindowDataModule
+
+    dm = TokenWindowDataModule(
+        source="local", path=str(text_file), seq_len=8, num_samples=20, batch_size=4, cache_dir=tmp_path
+    )
+    dm.setup("fit")
+    n = len(dm.base_train_dataset)
+    weights = torch.arange(n * 8, dtype=torch.float32).view(n, 8)
+    dm.set_train_weights(weights)
+    batch = next(iter(dm.train_dataloader(shuffle=False)))
+    assert torch.equal(batch["weight"], weights[:4])
+    assert torch.equal(batch["ids"], torch.stack([dm.base_train_dataset[i] for i in range(4)]))
+    dm.set_train_indices([2, 0])
+    assert torch.equal(next(iter(dm.train_dataloader(shuffle=False)))["weight"], weights[[2, 0]])
+    dm.set_train_weights(None)
+    dm.set_train_indices(None)
+    assert isinstance(next(iter(dm.train_dataloader())), torch.Tensor)
+    with pytest.raises(ValueError, match="token weights"):
+        dm.set_train_weights(torch.ones(n, 3))
