@@ -164,7 +164,7 @@ def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ra
             mining = None
     reused = mining is not None
     if mining is None:
-        if getattr(datamodule, "_train_weights", None) is not None or getattr(datamodule, "_train_positions", None):
+        if any(getattr(datamodule, name, None) is not None for name in ("_train_weights", "_train_positions")):
             raise RuntimeError("mining scores the full train set; it already has a selection or weights")
         train = exit_stats(net, datamodule.train_dataloader(shuffle=False), upto=net.shallow_exit)["shallow"]
         val = exit_stats(net, datamodule.val_dataloader(), upto=net.shallow_exit)["shallow"]
