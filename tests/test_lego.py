@@ -73,6 +73,18 @@ def test_forward_exits_stops_at_the_exit_it_needs():
     assert list(model.forward_exits(random_ids(2, 5))) == [2, 4] and len(calls) == 2
 
 
+def test_phase2_extends_the_phase1_model():
+    from kvcompress.training.lego import extend_from_shallow
+
+    model, ids = lego_model(), random_ids(2, 6)
+    with torch.no_grad():
+        for p in model.deep_layers.parameters():
+            p.zero_()  # added layers that add nothing: the deep exit is then the phase-1 model
+    extend_from_shallow(runner=None, stage=None, net=model, datamodule=None)
+    out = model.forward_exits(ids)
+    torch.testing.assert_close(out[4], out[2], rtol=0, atol=1e-12)
+
+
 def test_threshold_is_a_buffer_checkpoints_carry():
     model = lego_model()
     model.threshold.fill_(0.25)

@@ -4,6 +4,7 @@ Hooks (stage hooks: `hook(runner=, stage=, net=, datamodule=)`, returning metric
 - `mine_hard_examples` (after the shallow stage): the shallow exit's confidence on every train and validation
   token; the lowest `ratio` are hard. Saved in the stage folder (`hard_examples.safetensors`), so a reused stage
   reuses its mining. Records `hard_ppl_before` (shallow exit on the hard validation tokens).
+- `extend_from_shallow` (before the deep stage): the deep exit starts as a copy of the phase-1 exit.
 - `train_on_hard_examples` (before the deep stage): token loss weights (1 on hard tokens, 0 elsewhere), or with
   `selection="sample"` the `ratio` windows of lowest mean confidence (`set_train_indices`).
 - `calibrate` (after the deep stage): sets the model's threshold so `ratio` of validation tokens go deep, and
@@ -184,6 +185,16 @@ def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ra
         "hard_ppl_before": _ppl(mining["val_loss_before"], hard_val),
         "easy_ppl_before": _ppl(mining["val_loss_before"], ~hard_val),
     }
+
+
+@torch.no_grad()
+def extend_from_shallow(*, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
+    """Phase 2 extends the phase-1 model by new layers: the deep exit's LayerNorm and head start as copies of
+    the shallow exit's (which itself stays as phase 1 left it), so only the added layers start from scratch."""
+    net = _check_lego(net)
+    net.final_layer_norm.load_state_dict(net.shallow_head.norm.state_dict())
+    net.embed_out.weight.copy_(net.shallow_head.out.weight)
+    return {"deep_exit_from_shallow": 1}
 
 
 def train_on_hard_examples(
