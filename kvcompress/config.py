@@ -6,6 +6,7 @@ composition, and the defaults below are the only ones (code reads them from the 
 
 from __future__ import annotations
 
+from typing import Any
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -45,6 +46,8 @@ class EvalConfig:
     autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
     caches: list[str] = field(default_factory=list)  # more cache kinds to measure side by side, e.g. [kv, ka]
+    # More evaluations by name: {name: {_target_: fn(net=, datamodule=) -> metrics}}, e.g. eval=lego.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -68,6 +68,16 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+def build_hook(spec: Any, **context: Any) -> Any:
+    """A hook, callback factory or evaluation, partially applied; a target with `check_settings` checks its
+    settings (and `context`, e.g. the model) now, before any training."""
+    hook = instantiate(spec, _partial_=True)
+    check = getattr(hook.func, "check_settings", None)
+    if check is not None:
+        check(**hook.keywords, **context)
+    return hook
+
+
 def build_stages(phase_cfg: DictConfig) -> list[Stage]:
     from hydra.utils import instantiate
 
@@ -76,9 +86,8 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
     stages = []
     for name, spec in phase_cfg.stages.items():
         spec = OmegaConf.to_container(spec, resolve=True)
-        spec["before"] = [instantiate(h, _partial_=True) for h in spec.get("before", [])]
-        spec["after"] = [instantiate(h, _partial_=True) for h in spec.get("after", [])]
-        spec["callbacks"] = [instantiate(c, _partial_=True) for c in spec.get("callbacks", [])]
+        for field in ("before", "after", "callbacks"):
+            spec[field] = [build_hook(h) for h in spec.get(field, [])]
         stages.append(Stage(name=name, **spec))
     return stages
 
@@ -107,6 +116,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "module": OmegaConf.to_container(cfg.module, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -223,13 +233,25 @@ def execute(run: PreparedRun) -> dict[str, Any]:
         """The run's data (already set up) unless the stage overrides it."""
         return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
 
+    # Method evaluations after training, by name: fn(net=, datamodule=) -> metrics (e.g. eval=lego).
+    extra_evaluations = {name: build_hook(spec, net=net) for name, spec in (cfg.eval.get("extra") or {}).items()}
+
     def make_trainer(stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs)
+
+    make_lightning_module = instantiate(cfg.module)  # a partial: the module class and its own settings
 
     def make_module(model: GPTNeoX, stage: Stage) -> LMModule:
         optimizer = instantiate(cfg.optimizer, lr=stage.lr)
         scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-        return LMModule(model, optimizer, scheduler, stage.losses, metric_prefix=stage.name, compile=cfg.compile)
+        return make_lightning_module(
+            net=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            losses=stage.losses,
+            metric_prefix=stage.name,
+            compile=cfg.compile,
+        )
 
     runner = PhaseRunner(
         net,
@@ -275,11 +297,13 @@ def execute(run: PreparedRun) -> dict[str, Any]:
             return metrics
         eval_cfg = OmegaConf.to_object(cfg.eval)
         evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)
+        for name, evaluate in extra_evaluations.items():
+            evaluation[name] = evaluate(net=net, datamodule=datamodule)
         metrics.update(evaluation)
         metrics.update(record)
         for logger in loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=runner.step)
-            logger.save()  # the CSV is written even when every stage was reused
+            logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
         atomic_write_json(output_dir / "metrics.json", metrics)
         log.info("metrics written to %s", output_dir / "metrics.json")
         status = "success"

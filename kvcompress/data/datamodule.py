@@ -29,26 +29,39 @@ log = logging.getLogger(__name__)
 
 
 class TokenWindowDataset(Dataset):
-    """Windows `tokens[i * window : (i + 1) * window]` for the window numbers `indices`, as int64 tensors."""
+    """Windows `tokens[i * window : (i + 1) * window]` for the window numbers `indices`, as int64 tensors; with
+    per-token loss `weights` (len(indices), window - 1), items are dicts `{"ids", "weight"}`."""
 
-    def __init__(self, tokens: np.ndarray, window: int, indices: np.ndarray) -> None:
+    def __init__(self, tokens: np.ndarray, window: int, indices: np.ndarray, weights: np.ndarray | None = None) -> None:
         self.tokens = tokens
         self.window = window
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+        if self.weights is not None and self.weights.shape != (len(self.indices), window - 1):
+            raise ValueError(
+                f"token weights must have shape (windows, seq_len) = {(len(self.indices), window - 1)}, "
+                f"got {self.weights.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
         start = int(self.indices[i]) * self.window
-        return torch.from_numpy(self.tokens[start : start + self.window].astype(np.int64))
+        ids = torch.from_numpy(self.tokens[start : start + self.window].astype(np.int64))
+        return ids if self.weights is None else {"ids": ids, "weight": torch.from_numpy(self.weights[i])}
 
     def subset(self, positions: Sequence[int] | np.ndarray | torch.Tensor) -> TokenWindowDataset:
         """The windows at `positions` of this dataset (0 <= p < len(self))."""
         pos = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
         if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= len(self))):
             raise ValueError(f"positions must be a 1-D list of ints in [0, {len(self)}), got shape {pos.shape}")
-        return TokenWindowDataset(self.tokens, self.window, self.indices[pos])
+        weights = None if self.weights is None else self.weights[pos]
+        return TokenWindowDataset(self.tokens, self.window, self.indices[pos], weights)
+
+    def with_weights(self, weights: np.ndarray | torch.Tensor | None) -> TokenWindowDataset:
+        weights = weights.cpu().numpy() if isinstance(weights, torch.Tensor) else weights
+        return TokenWindowDataset(self.tokens, self.window, self.indices, weights)
 
 
 class EpochOrder(Sampler[int]):
@@ -199,6 +212,7 @@ class TokenWindowDataModule(LightningDataModule):
         self._train_positions: np.ndarray | None = None
         self._train_loader: ResumableLoader | None = None  # the training loader in use (its position is saved)
         self._resume_position: dict[str, int] | None = None
+        self._train_weights: np.ndarray | None = None
 
     # --- loading -------------------------------------------------------------------------------------------------
 
@@ -302,9 +316,7 @@ class TokenWindowDataModule(LightningDataModule):
         self.tokenizer = tok
         self.base_train_dataset = TokenWindowDataset(train_tokens, self.window, train_idx)
         self.val_dataset = TokenWindowDataset(val_tokens, self.window, val_idx)
-        self.train_dataset = self.base_train_dataset
-        if self._train_positions is not None:
-            self.train_dataset = self.base_train_dataset.subset(self._train_positions)
+        self._select_train()
         self.info = {
             "source": self.source,
             "seq_len": self.seq_len,
@@ -333,9 +345,21 @@ class TokenWindowDataModule(LightningDataModule):
             if positions is None
             else np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions, dtype=np.int64)
         )
-        if self.base_train_dataset is not None:
-            base = self.base_train_dataset
-            self.train_dataset = base if self._train_positions is None else base.subset(self._train_positions)
+        self._select_train()
+
+    def set_train_weights(self, weights: np.ndarray | torch.Tensor | None) -> None:
+        """Per-token loss weights (train windows, seq_len) over the full train set, in its order: train batches
+        become dicts `{"ids", "weight"}`; None restores plain batches. Takes effect for dataloaders built afterwards."""
+        self._train_weights = weights.cpu().numpy() if isinstance(weights, torch.Tensor) else weights
+        self._select_train()
+
+    def _select_train(self) -> None:
+        if self.base_train_dataset is None:
+            return  # applied by setup()
+        base = self.base_train_dataset
+        if self._train_weights is not None:
+            base = base.with_weights(self._train_weights)
+        self.train_dataset = base if self._train_positions is None else base.subset(self._train_positions)
 
     def _ready(self) -> None:
         if self.train_dataset is None or self.val_dataset is None:

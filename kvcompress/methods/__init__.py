@@ -3,6 +3,7 @@
 from kvcompress.methods import (  # noqa: F401
     ka,  # noqa: F401
     ka_adapter,
+    lego,
     mka,
     vdproj,  # noqa: F401
 )

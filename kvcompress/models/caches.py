@@ -9,6 +9,7 @@ be captured in a CUDA graph.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,13 @@ def attend_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class LayerCache:
-    """Base class: a fill length over preallocated buffers, sized `(batch_size, ..., max_len, ...)`."""
+    """Base class: a fill length over preallocated buffers, sized `(batch_size, ..., max_len, ...)`.
+
+    `fillable` caches take `append(k, v)` without attention (an early exit fills the layers it skipped).
+    Any cache rolls back by setting `length` lower: what a position holds depends on no later position.
+    """
+
+    fillable: ClassVar[bool] = False
 
     def __init__(self, batch_size: int, max_len: int) -> None:
         self.batch_size = batch_size
@@ -65,6 +72,8 @@ class LayerCache:
 
 class KVCache(LayerCache):
     """The standard cache: keys and values, (B, nh, max_len, hs) each."""
+
+    fillable: ClassVar[bool] = True
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)
@@ -164,6 +173,8 @@ class Int8KVCache(LayerCache):
     `2 * head_size * element_size`. Lossy: new tokens also attend over their own dequantized K/V,
     so prefilling in chunks gives the same result as prefilling at once.
     """
+
+    fillable: ClassVar[bool] = True
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)

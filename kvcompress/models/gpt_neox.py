@@ -189,21 +189,42 @@ class GPTNeoX(nn.Module):
         With `caches`, input_ids continue the cached sequence.
         """
         x = self.trunk(input_ids, caches, aux)
-        return self.embed_out(self.final_layer_norm(x[:, -1:] if last_only else x))
+        return self.head(x[:, -1:] if last_only else x)
 
     def trunk(self, input_ids: Tensor, caches: list[LayerCache] | None = None, aux: Aux | None = None) -> Tensor:
-        start = caches[0].length if caches else 0
-        T = input_ids.shape[1]
-        if start + T > self.cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
-            )
+        x, rope = self.embed(input_ids, caches[0].length if caches else 0)
+        return self.run_layers(x, rope, caches, aux)
+
+    def embed(self, input_ids: Tensor, start: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Token embeddings (B, T, C) of positions start..start+T-1, and their rotary tables."""
         x = self.embed_in(input_ids)  # (B, T, C)
+        return x, self.rope(start, input_ids.shape[1], x)
+
+    def rope(self, start: int, length: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin tables of positions start..start+length-1, cast once (not per layer) to x's compute dtype."""
+        if start + length > self.cfg.max_position_embeddings:
+            limit = self.cfg.max_position_embeddings
+            raise ValueError(f"sequence of {start + length} tokens exceeds max_position_embeddings={limit}")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        rope = tuple(t.to(dtype) for t in self.rotary(start, T, input_ids.device))  # cast once, not per layer
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, caches[i] if caches else None, aux)
+        cos, sin = self.rotary(start, length, x.device)
+        return cos.to(dtype), sin.to(dtype)
+
+    def run_layers(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        caches: list[LayerCache] | None = None,
+        aux: Aux | None = None,
+        layers: slice = slice(None),
+    ) -> Tensor:
+        """Hidden states after `self.layers[layers]`; `caches` holds one cache per layer of the whole model."""
+        for i in range(*layers.indices(len(self.layers))):
+            x = self.layers[i](x, rope, caches[i] if caches else None, aux)
         return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits of the final exit: final LayerNorm, then the (untied) output projection."""
+        return self.embed_out(self.final_layer_norm(x))
 
     def build_caches(
         self, batch_size: int, max_len: int, kind: str = "native", device=None, dtype=None

@@ -17,6 +17,28 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kvcompress.models import GPTNeoX
 
+# A batch: (B, T + 1) token ids, or a dict with "ids" and optional per-token loss weights "weight" (B, T).
+Batch = Tensor | Mapping[str, Tensor]
+
+
+def split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Mapping):
+        return batch["ids"], batch.get("weight")
+    return batch, None
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token CE (B, T), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def weighted_mean(token_losses: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean of per-token losses, weighted per token when `weight` is given (all-zero weights give 0)."""
+    if weight is None:
+        return token_losses.mean()
+    weight = weight.to(token_losses.dtype)
+    return (token_losses * weight).sum() / weight.sum().clamp_min(torch.finfo(weight.dtype).tiny)
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN/inf; checkpoints written before it are kept."""
@@ -40,6 +62,8 @@ class LMModule(L.LightningModule):
     transformers' `get_cosine_with_min_lr_schedule_with_warmup`, completed with `num_training_steps` (the
     stage's step total) when it takes one; None: a constant lr.
     Validation steps return per-token losses (B, T) for callbacks such as position-wise PPL.
+    A method that trains differently subclasses this and overrides hooks: `compute_losses(batch)` (the named
+    training losses) and `extra_val_metrics()` (see `kvcompress.training.lego.LegoModule`).
     """
 
     def __init__(
@@ -75,55 +99,65 @@ class LMModule(L.LightningModule):
             self._aux_metrics[name] = MeanMetric().to(self.device)
         return self._aux_metrics[name]
 
-    def step(self, batch: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def step(self, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Per-token losses (B, T), logits, and the per-name auxiliary losses (each averaged over layers)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = ids[:, :-1], ids[:, 1:]
         aux: dict[str, list[Tensor]] = {}
         logits = self.forward_fn(inputs, aux=aux)
-        token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
-            targets
-        )
         aux_losses = {name: torch.stack(values).mean() for name, values in aux.items()}
-        return token_losses, logits, aux_losses
+        return token_cross_entropy(logits, targets), logits, aux_losses
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """The named training losses of a batch: `lm` (token-weighted when the batch has weights) and the aux ones."""
+        ids, weight = split_batch(batch)
+        token_losses, _, aux_losses = self.step(ids)
+        return {"lm": weighted_mean(token_losses, weight), **aux_losses}
 
     def progress(self) -> float:
         return self.global_step / self.total_steps if self.total_steps else 0.0
 
-    def objective(self, lm_loss: Tensor, aux_losses: Mapping[str, Tensor]) -> Tensor:
+    def objective(self, losses: Mapping[str, Tensor]) -> Tensor:
         progress = self.progress()
-        total = lm_loss.new_zeros(())
+        total = next(iter(losses.values())).new_zeros(())
         for name, spec in self.losses.items():
-            value = lm_loss if name == "lm" else aux_losses.get(name)
-            if value is None:
-                raise KeyError(f"loss {name!r} was not produced by this model (it produced {sorted(aux_losses)})")
-            total = total + loss_weight(spec, progress) * value
+            if name not in losses:
+                raise KeyError(f"loss {name!r} was not produced by this model (it produced {sorted(losses)})")
+            total = total + loss_weight(spec, progress) * losses[name]
         return total
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        token_losses, _, aux_losses = self.step(batch)
-        lm_loss = token_losses.mean()
-        loss = self.objective(lm_loss, aux_losses)
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        loss = self.objective(losses)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"{self.metric_prefix}: loss is {loss.item()} at step {self.global_step}; stopping. "
                 "Checkpoints written before this step are kept."
             )
         p = self.metric_prefix
-        self.train_loss(lm_loss.detach())
+        self.train_loss(loss.detach())
         self.log(f"{p}/train_loss", loss.detach(), prog_bar=True)
-        self.log(f"{p}/train_lm_loss", self.train_loss, on_step=False, on_epoch=True)
-        for name, value in aux_losses.items():
+        self.log(f"{p}/train_loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        for name, value in losses.items():
             self.log(f"{p}/train_{name}", value.detach())
         return loss
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        token_losses, logits, aux_losses = self.step(batch)
-        targets = batch[:, 1:]
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        ids, _ = split_batch(batch)
+        token_losses, logits, aux_losses = self.step(ids)
+        self.update_val_metrics(token_losses, logits, ids[:, 1:], aux_losses)
+        return {"token_losses": token_losses.detach()}
+
+    def update_val_metrics(
+        self, token_losses: Tensor, logits: Tensor, targets: Tensor, aux_losses: Mapping[str, Tensor]
+    ) -> None:
         self.val_loss.update(token_losses.mean(), weight=token_losses.numel())
         self.val_acc.update(logits.argmax(-1).flatten(), targets.flatten())
         for name, value in aux_losses.items():
             self._aux_metric(name).update(value)
-        return {"token_losses": token_losses.detach()}
+
+    def extra_val_metrics(self) -> dict[str, Tensor]:
+        """Hook: more validation metrics, computed (and reset) at each validation end; logged as `<stage>/<name>`."""
+        return {}
 
     def on_validation_epoch_end(self) -> None:
         p = self.metric_prefix
@@ -137,6 +171,8 @@ class LMModule(L.LightningModule):
             if metric.update_count:
                 self.log(f"{p}/val_{name}", metric.compute())
             metric.reset()
+        for name, value in self.extra_val_metrics().items():
+            self.log(f"{p}/{name}", value)
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]

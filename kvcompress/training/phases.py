@@ -242,7 +242,7 @@ class PhaseRunner:
         resume_from = self._resume_point(stage, ckpt_dir)
         if resume_from is None and self.is_writer:
             clear_folder(folder)
-        self._run_hooks(stage.before, stage, datamodule)
+        before = self._run_hooks(stage.before, stage, datamodule)
         monitor = f"{stage.name}/{stage.monitor}"
         best, checkpoints = stage_checkpoints(
             ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
@@ -272,8 +272,9 @@ class PhaseRunner:
         metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
         metrics["steps"] = trainer.global_step
         self.step = log_step(trainer)
-        hooked = self._run_hooks(stage.after, stage, datamodule)
+        hooked = {**before, **self._run_hooks(stage.after, stage, datamodule)}
         metrics.update(hooked)
+        self._log({f"{stage.name}/{k}": v for k, v in hooked.items() if isinstance(v, int | float)})
         weights = folder / WEIGHTS
         result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, str(weights), metrics)
         if not self.is_writer:

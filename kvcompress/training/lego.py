@@ -1,0 +1,302 @@
+"""LEGO's Lightning side: `LegoModule` (per-exit losses and metrics) and the hooks of `phase=lego`.
+
+Hooks (stage hooks: `hook(runner=, stage=, net=, datamodule=)`, returning metrics for the stage's record):
+- `mine_hard_examples` (after the shallow stage): the shallow exit's confidence on every train and validation
+  token; the lowest `ratio` are hard. Saved in the stage folder (`hard_examples.safetensors`), so a reused stage
+  reuses its mining. Records `hard_ppl_before` (shallow exit on the hard validation tokens).
+- `extend_from_shallow` (before the deep stage): the deep exit starts as a copy of the phase-1 exit.
+- `train_on_hard_examples` (before the deep stage): token loss weights (1 on hard tokens, 0 elsewhere), or with
+  `selection="sample"` the `ratio` windows of lowest mean confidence (`set_train_indices`).
+- `calibrate` (after the deep stage): sets the model's threshold so `ratio` of validation tokens go deep, and
+  records per-exit and routed PPL / accuracy, hard-token PPL after, shallow ratio and compute cost.
+`decode_benchmark` is an end-of-run evaluation (`eval=lego` adds it as `eval.extra.lego_decode`): tokens/s of
+full-depth, early-exit and self-speculative decoding, timed in the same process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from kvcompress.methods import lego
+from kvcompress.methods.lego import LegoGPTNeoX
+from kvcompress.training.module import Batch, LMModule, split_batch, token_cross_entropy, weighted_mean
+
+log = logging.getLogger(__name__)
+
+EXITS = ("shallow", "deep")  # loss and metric names of the two exits
+MINING_FILE = "hard_examples.safetensors"
+SELECTIONS = ("token", "sample")
+
+
+class LegoModule(LMModule):
+    """Losses `shallow` and `deep`: each exit's cross-entropy, weighted per token when the batch carries weights.
+
+    Only the layers the stage's losses need run (a `shallow`-only stage never runs the deep layers). The stage's
+    `val_loss` / `val_ppl` / `val_acc` are those of its deepest trained exit; every computed exit also gets
+    `val_ppl_<exit>` and `val_acc_<exit>`.
+    """
+
+    def __init__(self, net: LegoGPTNeoX, *args: Any, **kwargs: Any) -> None:
+        super().__init__(net, *args, **kwargs)
+        if not isinstance(net, LegoGPTNeoX):
+            raise TypeError(f"module=lego trains a LEGO model (model=lego), got {type(net).__name__}")
+        unknown = sorted(set(self.losses) - set(EXITS))
+        if unknown:
+            raise ValueError(f"stage {self.metric_prefix!r}: LEGO losses are {list(EXITS)}, got {unknown}")
+        self.main_exit = "deep" if "deep" in self.losses else "shallow"
+        self.upto = net.deep_exit if self.main_exit == "deep" else net.shallow_exit
+        names = EXITS if self.main_exit == "deep" else ("shallow",)
+        self.exit_metrics = torch.nn.ModuleDict({f"{n}_{k}": MeanMetric() for n in names for k in ("loss", "acc")})
+
+    def exit_logits(self, ids: Tensor) -> dict[str, Tensor]:
+        out = self.net.forward_exits(ids[:, :-1], upto=self.upto)
+        return {name: out[layer] for name, layer in zip(EXITS, self.net.exits) if layer in out}
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        ids, weight = split_batch(batch)
+        if set(self.losses) == {"deep"}:  # the full forward: no shallow head to compute
+            exits = {"deep": self.net(ids[:, :-1])}
+        else:
+            exits = self.exit_logits(ids)
+        return {name: weighted_mean(token_cross_entropy(logits, ids[:, 1:]), weight) for name, logits in exits.items()}
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        ids, _ = split_batch(batch)
+        targets = ids[:, 1:]
+        for name, logits in self.exit_logits(ids).items():
+            token_losses = token_cross_entropy(logits, targets)
+            n = token_losses.numel()
+            self.exit_metrics[f"{name}_loss"].update(token_losses.mean(), weight=n)
+            self.exit_metrics[f"{name}_acc"].update((logits.argmax(-1) == targets).float().mean(), weight=n)
+            if name == self.main_exit:
+                main = token_losses, logits
+        self.update_val_metrics(*main, targets, {})
+        return {"token_losses": main[0].detach()}
+
+    def extra_val_metrics(self) -> dict[str, Tensor]:
+        out = {}
+        for key, metric in self.exit_metrics.items():
+            name, kind = key.rsplit("_", 1)
+            if metric.update_count:
+                value = metric.compute()
+                out[f"val_ppl_{name}" if kind == "loss" else f"val_acc_{name}"] = (
+                    torch.exp(value) if kind == "loss" else value
+                )
+            metric.reset()
+        return out
+
+
+# --- stage hooks -------------------------------------------------------------------------------------------------
+
+
+def _check_lego(net: Any) -> LegoGPTNeoX:
+    if not isinstance(net, LegoGPTNeoX):
+        raise TypeError(f"phase=lego needs model=lego, got {type(net).__name__}")
+    return net
+
+
+def _ppl(losses: Tensor, mask: Tensor | None = None) -> float:
+    picked = losses if mask is None else losses[mask]
+    return math.exp(picked.double().mean().item()) if picked.numel() else float("nan")
+
+
+@torch.no_grad()
+def exit_stats(net: LegoGPTNeoX, loader, upto: int | None = None) -> dict[str, dict[str, Tensor]]:
+    """Per exit: confidence, loss and correctness of every predicted token, (N, seq_len) in loader order."""
+    was_training = net.training
+    net.eval()
+    device = net.embed_out.weight.device
+    parts: dict[str, dict[str, list[Tensor]]] = {}
+    for batch in loader:
+        ids = split_batch(batch)[0].to(device)
+        targets = ids[:, 1:]
+        out = net.forward_exits(ids[:, :-1], upto=upto)
+        for name, layer in zip(EXITS, net.exits):
+            if layer not in out:
+                continue
+            logits = out[layer]
+            stats = parts.setdefault(name, {"confidence": [], "loss": [], "correct": []})
+            stats["confidence"].append(lego.confidence(logits).float().cpu())
+            stats["loss"].append(token_cross_entropy(logits, targets).cpu())
+            stats["correct"].append((logits.argmax(-1) == targets).cpu())
+    net.train(was_training)
+    return {name: {k: torch.cat(v) for k, v in stats.items()} for name, stats in parts.items()}
+
+
+def find_mining(runner: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The mining of the latest earlier stage that mined (its folder's `hard_examples.safetensors`)."""
+    for result in reversed(runner.results):
+        path = Path(result.weights).parent / MINING_FILE
+        if path.is_file():
+            return load_mining(path)
+    raise RuntimeError(
+        "no hard-example mining found: phase=lego's deep stage needs an earlier stage with "
+        "kvcompress.training.lego.mine_hard_examples in its `after` hooks"
+    )
+
+
+def load_mining(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ratio: float = 0.5) -> dict[str, Any]:
+    """Score every train and validation token by the shallow exit's confidence; the lowest `ratio` are hard."""
+    net = _check_lego(net)
+    ratio = lego.check_ratio(ratio)
+    path = Path(runner.folder) / MINING_FILE
+    train_n = len(datamodule.train_dataset)
+    mining = None
+    if path.is_file():  # a reused (or resumed) stage: the same weights, so the same mining
+        mining, meta = load_mining(path)
+        if meta.get("ratio") != repr(ratio) or mining["train_confidence"].shape[0] != train_n:
+            log.warning("stage %s: %s was made for other settings; mining again", stage.name, path)
+            mining = None
+    reused = mining is not None
+    if mining is None:
+        if any(getattr(datamodule, name, None) is not None for name in ("_train_weights", "_train_positions")):
+            raise RuntimeError("mining scores the full train set; it already has a selection or weights")
+        train = exit_stats(net, datamodule.train_dataloader(shuffle=False), upto=net.shallow_exit)["shallow"]
+        val = exit_stats(net, datamodule.val_dataloader(), upto=net.shallow_exit)["shallow"]
+        mining = {
+            "train_confidence": train["confidence"],
+            "train_hard": lego.hard_mask(train["confidence"], ratio).to(torch.uint8),
+            "val_confidence": val["confidence"],
+            "val_hard": lego.hard_mask(val["confidence"], ratio).to(torch.uint8),
+            "val_loss_before": val["loss"],
+        }
+        save_file(mining, str(path), metadata={"ratio": repr(ratio), "stage": stage.name})
+    hard_val = mining["val_hard"].bool()
+    return {
+        "mining_reused": int(reused),
+        "hard_share_train": float(mining["train_hard"].float().mean()),
+        "hard_confidence_max": float(mining["train_confidence"][mining["train_hard"].bool()].max()),
+        "hard_ppl_before": _ppl(mining["val_loss_before"], hard_val),
+        "easy_ppl_before": _ppl(mining["val_loss_before"], ~hard_val),
+    }
+
+
+@torch.no_grad()
+def extend_from_shallow(*, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
+    """Phase 2 extends the phase-1 model by new layers: the deep exit's LayerNorm and head start as copies of
+    the shallow exit's (which itself stays as phase 1 left it), so only the added layers start from scratch."""
+    net = _check_lego(net)
+    net.final_layer_norm.load_state_dict(net.shallow_head.norm.state_dict())
+    net.embed_out.weight.copy_(net.shallow_head.out.weight)
+    return {"deep_exit_from_shallow": 1}
+
+
+def train_on_hard_examples(
+    *, runner: Any, stage: Any, net: Any, datamodule: Any, selection: str = "token"
+) -> dict[str, Any]:
+    """Point the stage's data at the mined hard examples: token weights, or the hardest windows."""
+    check_settings(selection=selection)
+    mining, meta = find_mining(runner)
+    if selection == "token":
+        datamodule.set_train_weights(mining["train_hard"].float())
+        return {"selection": selection}
+    windows = lego.hard_windows(mining["train_confidence"], float(meta["ratio"]))
+    datamodule.set_train_indices(windows)
+    return {"selection": selection, "hard_windows": len(windows)}
+
+
+def calibrate(*, runner: Any, stage: Any, net: Any, datamodule: Any, ratio: float = 0.5) -> dict[str, Any]:
+    """Set the threshold that routes `ratio` of validation tokens deep; record the two-stage metrics."""
+    net = _check_lego(net)
+    ratio = lego.check_ratio(ratio)
+    stats = exit_stats(net, datamodule.val_dataloader())
+    shallow, deep = stats["shallow"], stats["deep"]
+    threshold = lego.calibrate_threshold(shallow["confidence"], ratio)
+    net.threshold.fill_(threshold)
+    take = shallow["confidence"] >= threshold
+    routed_loss = torch.where(take, shallow["loss"], deep["loss"])
+    routed_correct = torch.where(take, shallow["correct"], deep["correct"])
+    share = float(take.float().mean())
+    out: dict[str, Any] = {
+        "threshold": threshold,
+        "shallow_ratio": share,
+        "compute_cost": lego.compute_cost(share, net.shallow_exit, net.deep_exit),
+        "val_ppl_routed": _ppl(routed_loss),
+        "val_acc_routed": float(routed_correct.float().mean()),
+    }
+    for name in EXITS:
+        out[f"val_ppl_{name}"] = _ppl(stats[name]["loss"])
+        out[f"val_acc_{name}"] = float(stats[name]["correct"].float().mean())
+    mining, _ = find_mining(runner)
+    hard = mining["val_hard"].bool()
+    out["hard_ppl_before"] = _ppl(mining["val_loss_before"], hard)
+    out["hard_ppl_after"] = _ppl(deep["loss"], hard)
+    out["hard_ppl_after_routed"] = _ppl(routed_loss, hard)
+    return out
+
+
+@torch.no_grad()
+def decode_benchmark(
+    *,
+    net: Any,
+    datamodule: Any,
+    prompts: int = 16,
+    prompt_len: int = 8,
+    new_tokens: int = 24,
+    batch_size: int = 1,
+    draft_tokens: int = 4,
+    repeats: int = 2,
+    fills: list[str] | tuple[str, ...] = lego.FILL_POLICIES,
+    cache: str = "native",
+) -> dict[str, Any]:
+    """An `eval.extra` entry: decode tokens/s of full depth, true early exit (each fill policy, the calibrated
+    threshold) and greedy self-speculation, back to back on the first validation windows' starts."""
+    net = _check_lego(net)
+    net.eval()
+    val = datamodule.val_dataset
+    device = net.embed_out.weight.device
+    starts = torch.stack([split_batch(val[i])[0][:prompt_len] for i in range(min(prompts, len(val)))]).to(device)
+    out = lego.decode_speed(
+        net,
+        list(starts.split(batch_size)),
+        new_tokens,
+        fills=fills,
+        draft_tokens=draft_tokens,
+        repeats=repeats,
+        cache=cache,
+    )
+    return {
+        "threshold": float(net.threshold),
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "cache": cache,
+        **out,
+    }
+
+
+def check_settings(
+    ratio: float = 0.5,
+    selection: str = "token",
+    net: Any = None,
+    cache: str = "native",
+    fills: Any = lego.FILL_POLICIES,
+    **_: Any,
+) -> None:
+    """The hooks' and the decode benchmark's settings, checked when they are built (before any training)."""
+    lego.check_ratio(ratio, "phase.hard_example_ratio")
+    if selection not in SELECTIONS:
+        raise ValueError(f"phase.selection must be one of {list(SELECTIONS)}, got {selection!r}")
+    if net is not None:
+        caches = _check_lego(net).build_caches(1, 2, kind=cache)
+        for fill in fills:
+            lego.check_fillable(net, caches, fill)
+
+
+for _hook in (mine_hard_examples, train_on_hard_examples, calibrate, decode_benchmark):
+    _hook.check_settings = check_settings  # type: ignore[attr-defined]
