@@ -6,8 +6,8 @@ composition, and the defaults below are the only ones (code reads them from the 
 
 from __future__ import annotations
 
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 

@@ -71,6 +71,8 @@ _register_resolvers()
 def build_hook(spec: Any, **context: Any) -> Any:
     """A hook, callback factory or evaluation, partially applied; a target with `check_settings` checks its
     settings (and `context`, e.g. the model) now, before any training."""
+    from hydra.utils import instantiate
+
     hook = instantiate(spec, _partial_=True)
     check = getattr(hook.func, "check_settings", None)
     if check is not None:
@@ -79,8 +81,6 @@ def build_hook(spec: Any, **context: Any) -> Any:
 
 
 def build_stages(phase_cfg: DictConfig) -> list[Stage]:
-    from hydra.utils import instantiate
-
     from kvcompress.training import Stage
 
     stages = []
@@ -219,7 +219,7 @@ def execute(run: PreparedRun) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import rank_zero_only
 
-    from kvcompress.training import LMModule, PhaseRunner
+    from kvcompress.training import PhaseRunner
     from kvcompress.training.evaluate import run_evaluation
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule

@@ -50,6 +50,10 @@ def plain_from(model: LegoGPTNeoX, depth: str) -> GPTNeoX:
     return plain.eval()
 
 
+def stage(metrics: dict, name: str) -> dict:
+    return next(s for s in metrics["stages"] if s["name"] == name)
+
+
 def test_all_deep_is_the_full_model_and_all_shallow_is_the_stage1_model():
     model, ids = lego_model(), random_ids(3, 12)
     deep, take = model.routed(ids, threshold=1.0)
@@ -251,7 +255,7 @@ LIGHT_BENCH = ["eval.extra.lego_decode.prompts=2", "eval.extra.lego_decode.repea
 
 def test_lego_phase_smoke(tmp_path, text_file):
     metrics = train(smoke(tmp_path, text_file, "model=lego", "phase=lego", *LIGHT_BENCH))
-    shallow, deep = metrics["stages"]["shallow"], metrics["stages"]["deep"]
+    shallow, deep = stage(metrics, "shallow"), stage(metrics, "deep")
     assert shallow["hard_share_train"] == 0.5 and shallow["hard_ppl_before"] > 1 and not shallow["mining_reused"]
     assert deep["shallow_ratio"] == pytest.approx(0.5, abs=0.02)  # calibrated on these validation tokens
     assert deep["compute_cost"] == pytest.approx(compute_cost(deep["shallow_ratio"], 1, 2))
@@ -269,15 +273,15 @@ def test_lego_phase_smoke(tmp_path, text_file):
     assert 0 <= decode["propagate"]["shallow_share"] <= 1
     assert "deep/hard_ppl_after" in (tmp_path / "run" / "csv" / "metrics.csv").read_text()
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["stages"]["deep"]["threshold"] == deep["threshold"]
+    assert stage(saved, "deep")["threshold"] == deep["threshold"]
 
     # A second run reuses both stages and the mining; sample-level selection retrains only the deep stage.
     again = train(smoke(tmp_path, text_file, "model=lego", "phase=lego", *LIGHT_BENCH))
-    assert again["stages"]["shallow"]["reused"] and again["stages"]["shallow"]["mining_reused"]
-    assert again["stages"]["deep"]["reused"] and again["stages"]["deep"]["threshold"] == deep["threshold"]
+    assert stage(again, "shallow")["reused"] and stage(again, "shallow")["mining_reused"]
+    assert stage(again, "deep")["reused"] and stage(again, "deep")["threshold"] == deep["threshold"]
     sample = train(smoke(tmp_path, text_file, "model=lego", "phase=lego", "phase.selection=sample", *LIGHT_BENCH))
-    assert sample["stages"]["shallow"]["reused"] and not sample["stages"]["deep"]["reused"]
-    assert sample["stages"]["deep"]["hard_windows"] == round(0.5 * 86)
+    assert stage(sample, "shallow")["reused"] and not stage(sample, "deep")["reused"]
+    assert stage(sample, "deep")["hard_windows"] == round(0.5 * 86)
 
 
 def test_token_weights_follow_their_windows(tmp_path, text_file):
