@@ -105,8 +105,9 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
         ["model=vdproj", "phase=two_stage"],
         ["model=ka_adapter", "phase=adapter", "cache=ka", "eval.autoregressive.enabled=true"],
         ["model=mka", "phase=base_then_frozen_base", "model.init_from=null"],
+        ["model=lego", "phase=lego", "eval.extra={}"],  # mining and calibration see all data on every rank
     ],
-    ids=["vdproj_two_stage", "ka_adapter", "mka"],
+    ids=["vdproj_two_stage", "ka_adapter", "mka", "lego"],
 )
 def test_ddp_runs_each_method_phases_and_reuses_them(tmp_path, corpus, method):
     train_cli(tmp_path, corpus, "trainer=ddp", *method)

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from kvcompress.methods import lego
 from kvcompress.methods.lego import LegoGPTNeoX
 from kvcompress.training.module import Batch, LMModule, split_batch, token_cross_entropy, weighted_mean
+from kvcompress.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ra
         if any(getattr(datamodule, name, None) is not None for name in ("_train_weights", "_train_positions")):
             raise RuntimeError("mining scores the full train set; it already has a selection or weights")
         train = exit_stats(net, datamodule.train_dataloader(shuffle=False), upto=net.shallow_exit)["shallow"]
-        val = exit_stats(net, datamodule.val_dataloader(), upto=net.shallow_exit)["shallow"]
+        val = exit_stats(net, datamodule.val_dataloader(shard=False), upto=net.shallow_exit)["shallow"]
         mining = {
             "train_confidence": train["confidence"],
             "train_hard": lego.hard_mask(train["confidence"], ratio).to(torch.uint8),
@@ -176,7 +177,9 @@ def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ra
             "val_hard": lego.hard_mask(val["confidence"], ratio).to(torch.uint8),
             "val_loss_before": val["loss"],
         }
-        save_file(mining, str(path), metadata={"ratio": repr(ratio), "stage": stage.name})
+        if runner.is_writer:  # under DDP every rank mines the same (unsharded) data; rank 0 keeps the file
+            blob = save(mining, metadata={"ratio": repr(ratio), "stage": stage.name})
+            atomic_write(path, lambda f: f.write(blob), mode="wb")
     hard_val = mining["val_hard"].bool()
     return {
         "mining_reused": int(reused),
@@ -215,7 +218,7 @@ def calibrate(*, runner: Any, stage: Any, net: Any, datamodule: Any, ratio: floa
     """Set the threshold that routes `ratio` of validation tokens deep; record the two-stage metrics."""
     net = _check_lego(net)
     ratio = lego.check_ratio(ratio)
-    stats = exit_stats(net, datamodule.val_dataloader())
+    stats = exit_stats(net, datamodule.val_dataloader(shard=False))  # all of it on every rank: one threshold
     shallow, deep = stats["shallow"], stats["deep"]
     threshold = lego.calibrate_threshold(shallow["confidence"], ratio)
     net.threshold.fill_(threshold)
