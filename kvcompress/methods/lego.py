@@ -115,7 +115,8 @@ class LegoGPTNeoX(GPTNeoX):
         del self.layers
         self.shallow_layers = nn.ModuleList(blocks[: self.shallow_exit])
         self.deep_layers = nn.ModuleList(blocks[self.shallow_exit :])
-        self.layers = blocks  # a plain list: the blocks are registered once, under the names above
+        # A plain list: the blocks are registered once, under the names above.
+        self.layers = blocks  # type: ignore[assignment]
         self.shallow_head = ExitHead(cfg)
         self.shallow_head.apply(self._init_weights)
         self.register_buffer("threshold", torch.tensor(check_threshold(threshold)))
@@ -147,7 +148,7 @@ class LegoGPTNeoX(GPTNeoX):
 
     def route(self, shallow_logits: Tensor, threshold: float | Tensor | None = None) -> Tensor:
         """True where a token takes the shallow exit: its shallow confidence >= the threshold."""
-        return confidence(shallow_logits) >= (self.threshold if threshold is None else threshold)
+        return confidence(shallow_logits) >= (self.threshold if threshold is None else threshold)  # type: ignore[operator]
 
     def routed(self, input_ids: Tensor, threshold: float | None = None) -> tuple[Tensor, Tensor]:
         """Two-stage output (the report's form: both exits computed, one picked per token), and the shallow mask."""
@@ -239,8 +240,8 @@ def _propagate(model: LegoGPTNeoX, h: Tensor, rope: tuple[Tensor, Tensor], cache
     """CALM: every skipped layer's cache gets K/V projected from the exit hidden state h."""
     for i in range(model.shallow_exit, model.deep_exit):
         layer = model.layers[i]
-        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), rope)
-        caches[i].append(k, v)
+        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), rope)  # type: ignore[union-attr,operator]
+        caches[i].append(k, v)  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -261,7 +262,7 @@ def generate_early_exit(
     """Decode with true early exit: a new token whose shallow confidence >= `threshold` (default: the model's)
     skips the deep layers. Works at batch > 1 with mixed exits; the prompt runs at full depth. `caches` (empty,
     one per layer) may be given to inspect them afterwards."""
-    threshold = float(model.threshold) if threshold is None else check_threshold(threshold)
+    threshold = float(model.threshold) if threshold is None else check_threshold(threshold)  # type: ignore[arg-type]
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     B, T = input_ids.shape
@@ -293,7 +294,7 @@ def generate_early_exit(
         x, rope = model.embed(tokens[:, p : p + 1], p)
         h = model.run_layers(x, rope, caches, layers=slice(0, e))
         mid[:, p] = h[:, 0]
-        shallow, deep = model.shallow_head(h[:, 0]), None
+        shallow, deep = model.shallow_head(h[:, 0]), None  # type: ignore[assignment]
         go_deep = confidence(shallow) < threshold
         if fill == "propagate":
             if not go_deep.any():
@@ -310,7 +311,7 @@ def generate_early_exit(
             rope = model.rope(deep_len, p + 1 - deep_len, pending)
             y = model.run_layers(pending, rope, caches, layers=slice(e, None))
             deep, deep_len = model.head(y[:, -1]), p + 1
-    logits = torch.stack(step_logits, dim=1) if step_logits else None
+    logits = torch.stack(step_logits, dim=1) if step_logits else None  # type: ignore[assignment]
     return Decoded(tokens, shallow_taken, logits)
 
 
