@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from helpers import assert_cached_equals_uncached
 from torch import Tensor
 
-from kvcompress.methods.ka import KAAttention, ka_attention, ka_attention_autograd, ka_attention_reference
-from kvcompress.models import GPTNeoX, KACache, ModelConfig
+from kvcompress.methods.ka import KAAttention, KACache, ka_attention, ka_attention_autograd, ka_attention_reference
+from kvcompress.models import DecodeState, GPTNeoX, ModelConfig
+from kvcompress.models.caches import eager_step
 
 SHAPES = [(2, 3, 1, 8), (2, 3, 2, 8), (2, 3, 5, 16), (2, 3, 37, 8), (1, 2, 64, 4)]
 
@@ -81,19 +82,24 @@ def test_recurrence_by_hand() -> None:
 # ---- the KA cache --------------------------------------------------------------------------------
 
 
+def _state(batch_size: int, max_len: int) -> DecodeState:
+    zeros = torch.zeros(batch_size, dtype=torch.long)
+    return DecodeState(slot=torch.zeros(1, dtype=torch.long), offset=zeros, max_len=max_len)
+
+
 def _filled_caches(n_past: int, n_new: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Prefill n_past tokens token by token, then n_new more: once in parallel, once by the loop."""
     B, nh, hs = 2, 3, 8
     q, k, v = (t.detach() for t in _qkv((B, nh, n_past + n_new, hs), torch.float64, seed))
     outs = []
     for parallel in (True, False):
-        cache = KACache(B, 64, nh, hs, adapter=None, dtype=torch.float64)
+        cache, state = KACache(B, 64, nh, hs, adapter=None, dtype=torch.float64), _state(B, 64)
         if n_past:
-            cache.attend_loop(q[:, :, :n_past], k[:, :, :n_past], v[:, :, :n_past])
-        new = (q[:, :, n_past:], k[:, :, n_past:], v[:, :, n_past:])
+            cache.attend_loop(q[:, :, :n_past], k[:, :, :n_past], v[:, :, :n_past], eager_step(state, n_past))
+        new = (q[:, :, n_past:], k[:, :, n_past:], v[:, :, n_past:], eager_step(state, n_new))
         out = cache.attend_parallel(*new) if parallel else cache.attend_loop(*new)
-        assert cache.length == n_past + n_new
-        outs.append((out, cache.buffers["a"][:, :, : cache.length].clone()))
+        assert state.length == n_past + n_new
+        outs.append((out, cache.buffers["a"][:, :, : state.length].clone()))
     (out_p, a_p), (out_l, a_l) = outs
     assert (out_p - out_l).abs().max() < 1e-10
     assert (a_p - a_l).abs().max() < 1e-10
@@ -110,10 +116,12 @@ def test_cache_dispatch() -> None:
     B, nh, hs = 1, 2, 4
     cache = KACache(B, 8, nh, hs, adapter=lambda a: 2 * a, dtype=torch.float64)
     q, k, v = (t.detach() for t in _qkv((B, nh, 3, hs), torch.float64))
+    state = _state(B, 8)
     with pytest.raises(ValueError, match="adapter"):
-        cache.attend_parallel(q, k, v)
-    cache.attend(q, k, v)  # with an adapter, attend takes the token loop
-    assert cache.length == 3
+        cache.attend_parallel(q, k, v, eager_step(state, 3))
+    state.reset()
+    cache.attend(q, k, v, eager_step(state, 3))  # with an adapter, attend takes the token loop
+    assert state.length == 3
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ def test_chunked_prefill_matches_uncached() -> None:
         full = model(ids)
         caches = model.build_caches(3, 32)
         chunks = [model(ids[:, :6], caches), model(ids[:, 6:], caches)]
-        assert caches[0].length == 17
+        assert caches.state.length == 17
     assert (torch.cat(chunks, dim=1) - full).abs().max() < 1e-10
     # ...and decoding continues from the chunked prefill exactly.
     nxt = full[:, -1].argmax(-1, keepdim=True)

@@ -14,8 +14,9 @@ from torch import Tensor
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
 from kvcompress.evaluation import autoregressive_token_losses, token_losses
+from kvcompress.methods.ka import KACache
 from kvcompress.methods.ka_adapter import KAAdapter, KAAdapterAttention
-from kvcompress.models import GPTNeoX, KACache, ModelConfig
+from kvcompress.models import GPTNeoX, ModelConfig
 from kvcompress.models.gpt_neox import apply_rotary
 
 randomized = partial(_randomized, dtype=torch.float64)
@@ -47,7 +48,7 @@ def test_aux_adapter_loss_matches_hand_computation(target: str) -> None:
     attn: KAAdapterAttention = model.layers[0].attention
     B, T, nh, hs = 2, 7, cfg.n_head, cfg.head_size
     x = torch.randn(B, T, cfg.n_embd, dtype=torch.float64)
-    rope = model.rotary(0, T, x.device)
+    rope = model.rotary(torch.arange(T))
 
     aux: dict[str, list[Tensor]] = {}
     out = attn(x, rope, None, aux)
@@ -97,7 +98,7 @@ def manual_ka_decode(model: GPTNeoX, input_ids: Tensor, use_adapter: bool) -> Te
     logits = []
     for t in range(T):
         x = model.embed_in(input_ids[:, t : t + 1])  # (B, 1, C)
-        cos, sin = model.rotary(t, 1, x.device)
+        cos, sin = model.rotary(torch.tensor([t]))
         for i, block in enumerate(model.layers):
             attn = block.attention
             qkv = attn.query_key_value(block.input_layernorm(x)).view(B, 1, nh, 3 * hs).transpose(1, 2)

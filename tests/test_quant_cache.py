@@ -2,7 +2,9 @@
 
 import torch
 
-from kvcompress.models import GPTNeoX, Int8KVCache, ModelConfig, generate
+import kvcompress.methods  # noqa: F401  (registers caches)
+from kvcompress.methods.quant import Int8KVCache
+from kvcompress.models import GPTNeoX, ModelConfig, generate
 
 
 def model_fp32() -> GPTNeoX:

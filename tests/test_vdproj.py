@@ -7,7 +7,7 @@ import torch
 from helpers import assert_cached_equals_uncached, randomized
 
 from kvcompress.methods.vdproj import VDProjAttention, VDProjCache, projection_parameters
-from kvcompress.models import GPTNeoX, KVCache, ModelConfig, generate
+from kvcompress.models import GPTNeoX, ModelConfig, generate
 
 TINY_C = 64  # tiny: 4 heads of 16, rotary 4 dims per head
 TINY_K_WIDTH = 4 * (16 - 4)  # non-rotary K dims of all heads
@@ -79,7 +79,7 @@ def test_chunked_prefill_equals_uncached(kwargs, chunks, restore_above):
         full = model(torch.cat([x, ref[:, -1].argmax(-1)[:, None]], dim=1))
     torch.testing.assert_close(torch.cat([first, second], dim=1), ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(nxt[:, -1], full[:, -1], atol=1e-10, rtol=0)
-    assert all(c.length == sum(chunks) + 1 for c in caches)
+    assert caches.state.length == sum(chunks) + 1
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_cache_stores_compressed_values():
     assert isinstance(cache, VDProjCache) and set(cache.buffers) == {"k", "v_c"}
     assert cache.buffers["v_c"].shape == (2, 6, 40)
     with torch.no_grad():  # V_c is the compressed V of layer 0's input
-        _, k, v = attn.split_qkv(model.layers[0].input_layernorm(model.embed_in(x)), model.rotary(0, 6, x.device))
+        _, k, v = attn.split_qkv(model.layers[0].input_layernorm(model.embed_in(x)), model.rotary(torch.arange(6)))
         torch.testing.assert_close(cache.buffers["v_c"], attn.compress_v(v), atol=1e-12, rtol=0)
         torch.testing.assert_close(cache.buffers["k"], k, atol=1e-12, rtol=0)
 
@@ -196,8 +196,8 @@ def test_wrong_cache_kind_and_identity_errors():
         model.build_caches(1, 8, kind="kv")
     with pytest.raises(ValueError, match=r"set_identity needs rank == n_embd=64, got rank=32"):
         model.layers[0].attention.set_identity()
-    with pytest.raises(ValueError, match=r"VDProjCache"):
-        model(torch.zeros(1, 2, dtype=torch.long), [KVCache(1, 8, 4, 16) for _ in model.layers])
+    with pytest.raises(ValueError, match=r"cache 'kv' cannot serve attention 'vdproj'"):
+        model(torch.zeros(1, 2, dtype=torch.long), GPTNeoX(ModelConfig.from_name("tiny")).build_caches(1, 8))
 
 
 # --- reconstruction losses ------------------------------------------------------------------------------

@@ -1,9 +1,3 @@
-"""Methods: each module registers its attention variant and/or its LightningModule."""
+"""Methods: each module registers its attention variant, its caches and/or its LightningModule."""
 
-from kvcompress.methods import (  # noqa: F401
-    ka,  # noqa: F401
-    ka_adapter,
-    lego,
-    mka,
-    vdproj,  # noqa: F401
-)
+from kvcompress.methods import ka, ka_adapter, lego, mka, quant, vdproj  # noqa: F401

@@ -12,15 +12,24 @@ literal token loop, kept for tests.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.models.caches import KACache, LayerCache
+from kvcompress.models.caches import LayerCache, Step, register_cache
 from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 
-__all__ = ["KAAttention", "ka_attention", "ka_attention_autograd", "ka_attention_reference", "ka_probs"]
+__all__ = [
+    "KAAttention",
+    "KACache",
+    "ka_attention",
+    "ka_attention_autograd",
+    "ka_attention_reference",
+    "ka_probs",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,12 +136,92 @@ def ka_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class KAAttention(Attention):
     """Standard attention's parameters; the output mixes past outputs A instead of past values V."""
 
-    cache_kinds: ClassVar[tuple[str, ...]] = ("ka",)
+    native_cache: ClassVar[str] = "ka"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
         return ka_attention(q, k, v)
 
-    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
-        if kind == "ka":  # the model's own cache: no adapter, the cached A are exactly its past outputs
-            return KACache(batch_size, max_len, self.n_head, self.head_size, None, device, dtype)
-        raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
+
+@register_cache("ka", serves=("ka", "standard", "ka_adapter"))
+class KACache(LayerCache):
+    """The KA cache: keys and past attention outputs in place of values, (B, nh, max_len, hs) each.
+
+    A new token attends over `[V'(A[0]), ..., V'(A[t-1]), V[t]]` where `V' = adapter` (identity when
+    None). The adapter is applied once, when A[t] is made, and the cache keeps `V'(A[t])`: the same
+    bytes as keeping A[t], and the past never has to be re-adapted at each step. For KA-Attention
+    (no adapter) this is exact; for a model trained with standard attention it is the report-000 cache.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_head: int,
+        head_size: int,
+        adapter: Callable[[Tensor], Tensor] | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(batch_size, max_len)
+        shape = (batch_size, n_head, max_len, head_size)
+        self.adapter = adapter
+        self.buffers = {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "a": torch.zeros(shape, device=device, dtype=dtype),
+        }
+
+    @classmethod
+    def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> KACache:
+        adapter = getattr(attn, "ka_adapter", None)  # a module given to the cache, not a call into the attention
+        return cls(batch_size, max_len, attn.n_head, attn.head_size, adapter, device=device, dtype=dtype)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        if q.shape[-2] > 1 and self.adapter is None:
+            return self.attend_parallel(q, k, v, step)
+        return self.attend_loop(q, k, v, step)  # decode (T == 1) or a nonlinear adapter
+
+    def attend_loop(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """Token by token: each output becomes a value for the tokens after it (one SDPA per token)."""
+        outputs = []
+        for t in range(q.shape[-2]):
+            one = Step(step.slots[t : t + 1], step.mask[:, :, t : t + 1], step.positions[:, t : t + 1], step.n_read)
+            self.write("k", k[:, :, t : t + 1], one)
+            self.write("a", v[:, :, t : t + 1], one)  # own V at the diagonal
+            a_t = F.scaled_dot_product_attention(
+                q[:, :, t : t + 1], self.read("k", one), self.read("a", one), attn_mask=one.mask
+            )
+            self.write("a", a_t if self.adapter is None else self.adapter(a_t), one)
+            outputs.append(a_t)
+        return torch.cat(outputs, dim=-2)
+
+    def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """Exact prefill of T new tokens at once (adapter=None only): one unit-lower-triangular solve.
+
+        With P over [past, new] positions: (I - strict_lower(P_nn)) A_new = P_np A_past + diag(P_nn) V_new.
+        Computed in fp32 for half dtypes (fp64 stays fp64). Eager only (it reads the first `n_read` slots).
+        """
+        if self.adapter is not None:
+            raise ValueError("parallel KA prefill is exact only without an adapter (the adapter is nonlinear)")
+        T = q.shape[-2]
+        past = step.n_read - T
+        self.write("k", k, step)
+        ct = _compute_dtype(q.dtype)
+        scores = (q.to(ct) * q.shape[-1] ** -0.5) @ self.read("k", step).to(ct).mT  # (B, nh, T, past + T)
+        p = scores.masked_fill_(~step.mask, float("-inf")).softmax(dim=-1)
+        p_new = p[..., past:]  # (B, nh, T, T), lower triangular
+        rhs = p_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)  # (B, nh, T, hs)
+        if past:
+            rhs = rhs + p[..., :past] @ self.buffers["a"][:, :, :past].to(ct)
+        # Unit diagonal implied: only the strict lower part of -P_nn is read.
+        a_new = torch.linalg.solve_triangular(-p_new, rhs, upper=False, unitriangular=True)
+        self.write("a", a_new, step)
+        return a_new.to(q.dtype)
+
+
+@register_cache("ka_plain", serves=("standard", "ka_adapter"))
+class KAPlainCache(KACache):
+    """The KA cache with V' = A even where the layer has an adapter (report 000's "no adapter" row)."""
+
+    @classmethod
+    def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> KACache:
+        return cls(batch_size, max_len, attn.n_head, attn.head_size, None, device=device, dtype=dtype)

@@ -10,8 +10,6 @@ Trainable parameters of the adapter phase: names matching `*.attention.ka_adapte
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,11 +56,9 @@ class KAAdapterAttention(Attention):
     """Standard attention plus a per-layer `ka_adapter` (shared by heads) used by the `"ka"` cache.
 
     Uncached forward is standard attention; with `aux`, the adapter MSE is added to `aux["adapter"]`.
-    `cache="kv"` decodes exactly; `cache="ka"` decodes with `[K, adapter(A)]` (the base class's
-    `build_cache("ka")` picks up `self.ka_adapter`).
+    `cache="kv"` decodes exactly; `cache="ka"` decodes with `[K, adapter(A)]` (the KA cache is given
+    `self.ka_adapter` when it is built).
     """
-
-    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain", "int8")
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, bottleneck: int = 64, target: str = "next") -> None:
         super().__init__(cfg, layer_idx)

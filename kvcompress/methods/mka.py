@@ -14,17 +14,16 @@ Trainable parameters: names matching `*.attention.mka.*` (`MKA_PARAM_PATTERN`, `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from fnmatch import fnmatch
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.methods.ka import ka_attention
-from kvcompress.models.caches import LayerCache, attend_causal, causal_mask
+from kvcompress.methods.ka import KACache, ka_attention
+from kvcompress.models.caches import KVCache, LayerCache, Step, cannot_serve, register_cache
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 
@@ -94,61 +93,44 @@ class KALayer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, a: Tensor, cache: MKACache | None = None) -> Tensor:
+    def forward(self, a: Tensor, cache: KACache | None = None, step: Step | None = None) -> Tensor:
         """a: (B, T, C) merged attention outputs -> ka(a) (B, T, C)."""
         B, T, C = a.shape
         h = self.norm(a)
         q, k, v = self.heads(self.q_proj(h)), self.heads(self.k_proj(h)), self.heads(self.v_proj(h))
-        out = ka_attention(q, k, v) if cache is None else cache.attend_ka(q, k, v)  # (B, nh, T, hs)
+        out = ka_attention(q, k, v) if cache is None else cache.attend(q, k, v, step)  # (B, nh, T, hs)
         return out.transpose(1, 2).reshape(B, T, C)
 
 
 class MKACache(LayerCache):
-    """Cache of an MKA layer: the base's K, V and the KA layer's own K and past outputs A_ka.
+    """Cache of an MKA layer: the base's [K, V] (a `KVCache`) and the KA layer's [K, A] (a `KACache`).
 
     Buffers (B, nh, max_len, hs) each: `k`, `v` (base attention), `ka_k`, `ka_a` (KA layer), i.e. 4*C
-    values per token. `attend` serves the base attention and advances the length; `attend_ka` must
-    follow it for the same new tokens.
+    values per token.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)
-        shape = (batch_size, n_head, max_len, head_size)
-        self.buffers = {name: torch.zeros(shape, device=device, dtype=dtype) for name in ("k", "v", "ka_k", "ka_a")}
+        self.kv = KVCache(batch_size, max_len, n_head, head_size, device=device, dtype=dtype)
+        self.ka = KACache(batch_size, max_len, n_head, head_size, None, device=device, dtype=dtype)
+        self.buffers = {**self.kv.buffers, **{f"ka_{name}": t for name, t in self.ka.buffers.items()}}
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        span = self._take(k.shape[-2])
-        self.buffers["k"][:, :, span] = k
-        self.buffers["v"][:, :, span] = v
-        return attend_causal(q, self.buffers["k"][:, :, : self.length], self.buffers["v"][:, :, : self.length])
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        return self.kv.attend(q, k, v, step)
 
-    def attend_ka(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """KA-Attention of the new tokens (the last q.shape[-2] positions) continuing the cached ones.
 
-        With P the new rows of the causal weights: A_new = P_past A_past + strict_lower(P_new) A_new
-        + diag(P_new) V_new, solved exactly (a unit-lower-triangular system over the new tokens).
-        """
-        n_new, total = q.shape[-2], self.length
-        past = total - n_new
-        ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        self.buffers["ka_k"][:, :, past:total] = k
-        keys = self.buffers["ka_k"][:, :, :total].to(ct)
-        scores = (q.to(ct) @ keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, nh, n_new, total)
-        p = scores.masked_fill(~causal_mask(n_new, total, q.device), float("-inf")).softmax(dim=-1)
-        p_new = p[..., past:]  # (B, nh, n_new, n_new), lower triangular
-        rhs = p_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)
-        if past:
-            rhs = rhs + p[..., :past] @ self.buffers["ka_a"][:, :, :past].to(ct)
-        a = rhs if n_new == 1 else torch.linalg.solve_triangular(-p_new, rhs, upper=False, unitriangular=True)
-        self.buffers["ka_a"][:, :, past:total] = a.to(self.buffers["ka_a"].dtype)
-        return a.to(v.dtype)
+@register_cache("mka", serves=("mka",))
+def build_mka_cache(attn: Any, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
+    """MKACache in the KA layers; the standard KVCache in plain layers."""
+    cls = KVCache if attn.mka is None else MKACache
+    return cls(batch_size, max_len, attn.n_head, attn.head_size, device=device, dtype=dtype)
 
 
 @register_attention("mka")
 class MKAAttention(Attention):
     """Standard attention; in the layers listed in `layers`, `A' = A + ka(A)` before `dense`."""
 
-    cache_kinds: ClassVar[tuple[str, ...]] = ("mka",)
+    native_cache: ClassVar[str] = "mka"
 
     def __init__(
         self, cfg: ModelConfig, layer_idx: int, layers: int | Iterable[int] = (-1,), zero_init: bool = True
@@ -163,20 +145,14 @@ class MKAAttention(Attention):
         rope: tuple[Tensor, Tensor],
         cache: LayerCache | None = None,
         aux: Aux | None = None,
+        step: Step | None = None,
     ) -> Tensor:
-        a = self.merge_heads(self.heads(x, rope, cache, aux))  # (B, T, C)
+        a = self.merge_heads(self.heads(x, rope, cache, aux, step))  # (B, T, C)
         if self.mka is not None:
             if cache is not None and not isinstance(cache, MKACache):
-                raise TypeError(f"MKA layer {self.layer_idx} needs an MKACache, got {type(cache).__name__}")
-            a = a + self.mka(a, cache)
+                raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name)
+            a = a + self.mka(a, None if cache is None else cache.ka, step)
         return self.dense(a)
-
-    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
-        if kind != "mka":
-            raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
-        if self.mka is None:  # plain layer: the standard cache
-            return super().build_cache("kv", batch_size, max_len, device, dtype)
-        return MKACache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
 
 
 def freeze_all_but_mka(model: nn.Module) -> int:

@@ -17,13 +17,13 @@ projection. "recon_k" repeats the K terms alone, for logging: do not weight it o
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import LayerCache, attend_causal, causal_mask
+from kvcompress.models.caches import LayerCache, Step, cannot_serve, register_cache
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 
@@ -43,7 +43,7 @@ def as_width(value: int | float, full: int) -> int:
 class VDProjAttention(Attention):
     """Standard attention whose values (and optionally non-rotary keys) pass through a low-rank bottleneck."""
 
-    cache_kinds: ClassVar[tuple[str, ...]] = ("vdproj",)
+    native_cache: ClassVar[str] = "vdproj"
 
     def __init__(
         self,
@@ -147,111 +147,101 @@ class VDProjAttention(Attention):
         v = v_r.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        cache: LayerCache | None = None,
-        aux: Aux | None = None,
-    ) -> Tensor:
-        q, k, v = self.split_qkv(x, rope)
-        if cache is None:
-            a = self.attend(q, k, v, aux)
-        elif isinstance(cache, VDProjCache):
-            a = cache.attend(q, k, self.compress_v(v))  # the cache gets V_c, never V
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, step: Step) -> Tensor:
+        """Store [K, V_c] (or [K_rot, K_c, V_c]) of the new tokens and attend over the cache.
+
+        Chunks longer than `cache.restore_above` tokens (prefill) restore the cached prefix and use SDPA,
+        which is cheaper once T > head_size; shorter chunks (decoding) use the absorbed form and restore
+        nothing.
+        """
+        if not isinstance(cache, VDProjCache):
+            raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name)
+        cache.write("v_c", self.compress_v(v), step)  # the cache gets V_c, never V
+        if self.compress_k:
+            cache.write("k_rot", k[..., : self.rotary_ndims], step)
+            cache.write("k_c", self.compress_k_pass(k), step)
         else:
-            raise ValueError(f"attention 'vdproj' decodes with a VDProjCache, got {type(cache).__name__}")
-        return self.dense(self.merge_heads(a))
+            cache.write("k", k, step)
+        if q.shape[-2] > cache.restore_above:
+            return self._attend_restored(q, cache, step)
+        return self._attend_absorbed(q, cache, step)
 
-    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
-        if kind != "vdproj":
-            raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
-        return VDProjCache(self, batch_size, max_len, device, dtype)
+    def _keys(self, cache: VDProjCache, step: Step) -> Tensor:
+        if self.compress_k:
+            return self.restore_k(cache.read("k_rot", step), cache.read("k_c", step))
+        return cache.read("k", step)
 
+    def _attend_restored(self, q: Tensor, cache: VDProjCache, step: Step) -> Tensor:
+        v = self.restore_v(cache.read("v_c", step))  # (B, nh, L, hs)
+        return F.scaled_dot_product_attention(q, self._keys(cache, step), v, attn_mask=step.mask)
 
-class VDProjCache(LayerCache):
-    """Keys (B, nh, max_len, hs) and compressed values V_c (B, max_len, rank).
-
-    With `compress_k`: rotary keys (B, nh, max_len, rd) and compressed non-rotary keys (B, max_len, k_rank).
-    Chunks longer than `restore_above` tokens (prefill) restore the cached prefix and use SDPA, which is
-    cheaper once T > head_size; shorter chunks (decoding) use the absorbed form and restore nothing.
-    """
-
-    def __init__(
-        self,
-        attn: VDProjAttention,
-        batch_size: int,
-        max_len: int,
-        device=None,
-        dtype=None,
-        restore_above: int | None = None,
-    ) -> None:
-        super().__init__(batch_size, max_len)
-        self.attn = attn  # for its weights; not part of the cache's storage
-        self.restore_above = attn.head_size if restore_above is None else restore_above
-        nh, hs, B = attn.n_head, attn.head_size, batch_size
-        kw = dict(device=device, dtype=dtype)
-        if attn.compress_k:
-            assert attn.k_rank is not None  # compress_k validated it
-            self.buffers["k_rot"] = torch.zeros(B, nh, max_len, attn.rotary_ndims, **kw)
-            self.buffers["k_c"] = torch.zeros(B, max_len, attn.k_rank, **kw)
-        else:
-            self.buffers["k"] = torch.zeros(B, nh, max_len, hs, **kw)
-        self.buffers["v_c"] = torch.zeros(B, max_len, attn.rank, **kw)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k: (B, nh, T, hs); v is V_c (B, T, rank). Returns A (B, nh, T, hs)."""
-        attn, T = self.attn, q.shape[-2]
-        span = self._take(T)
-        self.buffers["v_c"][:, span] = v
-        if attn.compress_k:
-            self.buffers["k_rot"][:, :, span] = k[..., : attn.rotary_ndims]
-            self.buffers["k_c"][:, span] = attn.compress_k_pass(k)
-        else:
-            self.buffers["k"][:, :, span] = k
-        if T > self.restore_above:
-            return self._attend_restored(q)
-        return self._attend_absorbed(q)
-
-    def _keys(self) -> Tensor:
-        L = self.length
-        if self.attn.compress_k:
-            return self.attn.restore_k(self.buffers["k_rot"][:, :, :L], self.buffers["k_c"][:, :L])
-        return self.buffers["k"][:, :, :L]
-
-    def _attend_restored(self, q: Tensor) -> Tensor:
-        v = self.attn.restore_v(self.buffers["v_c"][:, : self.length])  # (B, nh, L, hs)
-        return attend_causal(q, self._keys(), v)
-
-    def _attend_absorbed(self, q: Tensor) -> Tensor:
-        attn, L = self.attn, self.length
+    def _attend_absorbed(self, q: Tensor, cache: VDProjCache, step: Step) -> Tensor:
         B, nh, T, hs = q.shape
         q = q * hs**-0.5
-        if attn.compress_k:
-            rd, ps, kr = attn.rotary_ndims, attn.pass_size, attn.k_rank
+        if self.compress_k:
+            rd, ps, kr = self.rotary_ndims, self.pass_size, self.k_rank
             assert kr is not None  # compress_k validated it
-            w_k = attn.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
+            w_k = self.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
             q_pass = q[..., rd:].transpose(0, 1).reshape(nh, B * T, ps)  # (nh, B*T, ps)
             q_abs = torch.bmm(q_pass, w_k).view(nh, B, T, kr).transpose(0, 1)  # (B, nh, T, kr)
-            k_c = self.buffers["k_c"][:, :L]  # (B, L, kr)
+            k_c = cache.read("k_c", step)  # (B, L, kr)
+            L = k_c.shape[1]
             scores = torch.bmm(q_abs.reshape(B, nh * T, kr), k_c.transpose(1, 2)).view(B, nh, T, L)
             if rd:
-                scores = scores + q[..., :rd] @ self.buffers["k_rot"][:, :, :L].transpose(-1, -2)  # (B, nh, T, L)
+                scores = scores + q[..., :rd] @ cache.read("k_rot", step).transpose(-1, -2)  # (B, nh, T, L)
         else:
-            scores = q @ self.buffers["k"][:, :, :L].transpose(-1, -2)  # (B, nh, T, L)
-        if T > 1:
-            scores = scores.masked_fill(~causal_mask(T, L, q.device), float("-inf"))
+            scores = q @ cache.read("k", step).transpose(-1, -2)  # (B, nh, T, L)
+            L = scores.shape[-1]
+        scores = scores.masked_fill(~step.mask, float("-inf"))
         if scores.dtype in (torch.float32, torch.float64):
             p = scores.softmax(dim=-1)
         else:
             p = scores.float().softmax(dim=-1).to(scores.dtype)
         # V_c is shared by the heads: one (nh*T, L) @ (L, rank) product per sequence, no per-head copy.
-        r = attn.rank
-        pv = torch.bmm(p.reshape(B, nh * T, L), self.buffers["v_c"][:, :L])  # (B, nh*T, r)
+        r = self.rank
+        pv = torch.bmm(p.reshape(B, nh * T, L), cache.read("v_c", step))  # (B, nh*T, r)
         pv = pv.view(B, nh, T, r).transpose(0, 1).reshape(nh, B * T, r)  # (nh, B*T, r), a view when T == 1
-        w_v = attn.v_restore.weight.view(nh, hs, r).transpose(1, 2)  # rows of head h, transposed: (nh, r, hs)
-        a = torch.baddbmm(attn.v_restore.bias.view(nh, 1, hs), pv, w_v)  # (nh, B*T, hs)
+        w_v = self.v_restore.weight.view(nh, hs, r).transpose(1, 2)  # rows of head h, transposed: (nh, r, hs)
+        a = torch.baddbmm(self.v_restore.bias.view(nh, 1, hs), pv, w_v)  # (nh, B*T, hs)
         return a.view(nh, B, T, hs).transpose(0, 1)  # (B, nh, T, hs)
+
+
+@register_cache("vdproj", serves=("vdproj",))
+class VDProjCache(LayerCache):
+    """Keys (B, nh, max_len, hs) and compressed values V_c (B, max_len, rank).
+
+    With `compress_k`: rotary keys (B, nh, max_len, rd) and compressed non-rotary keys (B, max_len, k_rank).
+    A buffer holder: `VDProjAttention.decode` writes and reads it (the absorbed weights are the attention's).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_head: int,
+        head_size: int,
+        rank: int,
+        rotary_ndims: int,
+        k_rank: int | None = None,
+        device=None,
+        dtype=None,
+        restore_above: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, max_len)
+        self.restore_above = head_size if restore_above is None else restore_above
+        B, kw = batch_size, dict(device=device, dtype=dtype)
+        if k_rank is not None:
+            self.buffers["k_rot"] = torch.zeros(B, n_head, max_len, rotary_ndims, **kw)
+            self.buffers["k_c"] = torch.zeros(B, max_len, k_rank, **kw)
+        else:
+            self.buffers["k"] = torch.zeros(B, n_head, max_len, head_size, **kw)
+        self.buffers["v_c"] = torch.zeros(B, max_len, rank, **kw)
+
+    @classmethod
+    def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> VDProjCache:
+        k_rank = attn.k_rank if attn.compress_k else None
+        shapes = (attn.n_head, attn.head_size, attn.rank, attn.rotary_ndims, k_rank)
+        return cls(batch_size, max_len, *shapes, device=device, dtype=dtype, **kwargs)
 
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,21 +1,26 @@
-"""Plain-PyTorch models and caches (no Lightning or Hydra here)."""
+"""Plain-PyTorch models and caches (no Lightning or Hydra here; no method's code either)."""
 
 from kvcompress.models.build import build_model
-from kvcompress.models.caches import Int8KVCache, KACache, KVCache, LayerCache
+from kvcompress.models.caches import CACHES, Caches, DecodeState, KVCache, LayerCache, register_cache
 from kvcompress.models.config import ModelConfig
-from kvcompress.models.generate import generate
+from kvcompress.models.generate import compiled_decode_step, decode_step, generate, prefill
 from kvcompress.models.gpt_neox import ATTENTIONS, Attention, GPTNeoX, register_attention
 
 __all__ = [
     "ATTENTIONS",
+    "CACHES",
     "Attention",
     "build_model",
+    "Caches",
+    "compiled_decode_step",
+    "decode_step",
+    "DecodeState",
     "GPTNeoX",
-    "Int8KVCache",
-    "KACache",
     "KVCache",
     "LayerCache",
     "ModelConfig",
     "generate",
+    "prefill",
     "register_attention",
+    "register_cache",
 ]

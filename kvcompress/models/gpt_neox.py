@@ -6,13 +6,14 @@ variants register by name (`@register_attention("...")`) and are picked by `Mode
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import Int8KVCache, KACache, KVCache, LayerCache
+from kvcompress.models.caches import CACHES, Caches, DecodeState, LayerCache, Step, cannot_serve, eager_step
 from kvcompress.models.config import ModelConfig
 
 ATTENTIONS: dict[str, type[Attention]] = {}
@@ -52,9 +53,12 @@ class RotaryEmbedding(nn.Module):
             self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
         return self._tables[device]
 
-    def forward(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        cos, sin = self._table(device)
-        return cos[start : start + length], sin[start : start + length]
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin at `positions`: (T,) -> (T, rd); (B, T) per row -> (B, 1, T, rd), broadcast over heads."""
+        cos, sin = self._table(positions.device)
+        if positions.dim() == 1:
+            return cos[positions], sin[positions]
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -74,11 +78,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @register_attention("standard")
 class Attention(nn.Module):
-    """Multi-head causal self-attention with fused, per-head interleaved QKV (HF layout)."""
+    """Multi-head causal self-attention with fused, per-head interleaved QKV (HF layout).
+
+    Decoding goes through `decode(q, k, v, cache, step)`, which by default lets the cache store the new
+    tokens and read itself (`cache.attend`); an attention that stores something else overrides it.
+    """
 
     name: ClassVar[str]
-    # Cache kinds this attention can decode with; the first is its own ("native") cache.
-    cache_kinds: ClassVar[tuple[str, ...]] = ("kv", "ka", "ka_plain", "int8")
+    native_cache: ClassVar[str] = "kv"  # the cache kind `kind="native"` picks
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -103,31 +110,31 @@ class Attention(nn.Module):
         """Uncached attention over the whole sequence; returns A = P V, (B, nh, T, hs)."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, step: Step) -> Tensor:
+        """Cached attention of the new tokens (B, nh, T, hs): the cache stores them and reads itself."""
+        return cache.attend(q, k, v, step)
+
     def forward(
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         cache: LayerCache | None = None,
         aux: Aux | None = None,
+        step: Step | None = None,
     ) -> Tensor:
-        return self.dense(self.merge_heads(self.heads(x, rope, cache, aux)))
+        return self.dense(self.merge_heads(self.heads(x, rope, cache, aux, step)))
 
     def heads(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache | None = None, aux: Aux | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: LayerCache | None = None,
+        aux: Aux | None = None,
+        step: Step | None = None,
     ) -> Tensor:
         """Per-head attention outputs A (B, nh, T, hs), before W_O; with a cache, its decode path."""
         q, k, v = self.split_qkv(x, rope)
-        return self.attend(q, k, v, aux) if cache is None else cache.attend(q, k, v)
-
-    def build_cache(self, kind: str, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
-        if kind == "kv":
-            return KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
-        if kind == "int8":
-            return Int8KVCache(batch_size, max_len, self.n_head, self.head_size, device, dtype)
-        if kind in ("ka", "ka_plain"):  # [K, A]: with this layer's adapter if it has one, or V' = A
-            adapter = getattr(self, "ka_adapter", None) if kind == "ka" else None
-            return KACache(batch_size, max_len, self.n_head, self.head_size, adapter, device, dtype)
-        raise ValueError(f"cache {kind!r} cannot serve attention {self.name!r}; it serves {self.cache_kinds}")
+        return self.attend(q, k, v, aux) if cache is None else self.decode(q, k, v, cache, step)
 
 
 class MLP(nn.Module):
@@ -151,8 +158,10 @@ class Block(nn.Module):
         self.attention = ATTENTIONS[cfg.attention](cfg, layer_idx, **cfg.attention_kwargs)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope, cache: LayerCache | None = None, aux: Aux | None = None) -> Tensor:
-        a = self.attention(self.input_layernorm(x), rope, cache, aux)
+    def forward(
+        self, x: Tensor, rope, cache: LayerCache | None = None, aux: Aux | None = None, step: Step | None = None
+    ) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, cache, aux, step)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
         h = x + a
@@ -180,56 +189,61 @@ class GPTNeoX(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        caches: list[LayerCache] | None = None,
+        caches: Caches | None = None,
         aux: Aux | None = None,
         last_only: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (decoding needs no more).
 
-        With `caches`, input_ids continue the cached sequence.
+        With `caches`, input_ids continue the cached sequence (eagerly; see `generate.decode_step`).
         """
         x = self.trunk(input_ids, caches, aux)
         return self.head(x[:, -1:] if last_only else x)
 
-    def trunk(self, input_ids: Tensor, caches: list[LayerCache] | None = None, aux: Aux | None = None) -> Tensor:
-        x, rope = self.embed(input_ids, caches[0].length if caches else 0)
-        return self.run_layers(x, rope, caches, aux)
+    def trunk(self, input_ids: Tensor, caches: Caches | None = None, aux: Aux | None = None) -> Tensor:
+        step = None if caches is None else eager_step(caches.state, input_ids.shape[1])
+        x, rope = self.embed(input_ids, None if step is None else step.positions)
+        return self.run_layers(x, rope, caches, aux, step=step)
 
-    def embed(self, input_ids: Tensor, start: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Token embeddings (B, T, C) of positions start..start+T-1, and their rotary tables."""
+    def embed(self, input_ids: Tensor, positions: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Token embeddings (B, T, C) and the rotary tables at `positions` ((B, T) per row; None: 0..T-1)."""
+        T = input_ids.shape[1]
+        if positions is None:
+            if T > self.cfg.max_position_embeddings:
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds max_position_embeddings={self.cfg.max_position_embeddings}"
+                )
+            positions = torch.arange(T, device=input_ids.device)
         x = self.embed_in(input_ids)  # (B, T, C)
-        return x, self.rope(start, input_ids.shape[1], x)
-
-    def rope(self, start: int, length: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """cos/sin tables of positions start..start+length-1, cast once (not per layer) to x's compute dtype."""
-        if start + length > self.cfg.max_position_embeddings:
-            limit = self.cfg.max_position_embeddings
-            raise ValueError(f"sequence of {start + length} tokens exceeds max_position_embeddings={limit}")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = self.rotary(start, length, x.device)
-        return cos.to(dtype), sin.to(dtype)
+        cos, sin = self.rotary(positions)
+        return x, (cos.to(dtype), sin.to(dtype))  # cast once, not per layer
 
     def run_layers(
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        caches: list[LayerCache] | None = None,
+        caches: Sequence[LayerCache] | None = None,
         aux: Aux | None = None,
         layers: slice = slice(None),
+        step: Step | None = None,
     ) -> Tensor:
         """Hidden states after `self.layers[layers]`; `caches` holds one cache per layer of the whole model."""
         for i in range(*layers.indices(len(self.layers))):
-            x = self.layers[i](x, rope, caches[i] if caches else None, aux)
+            x = self.layers[i](x, rope, caches[i] if caches else None, aux, step)
         return x
 
     def head(self, x: Tensor) -> Tensor:
-        """Logits of the final exit: final LayerNorm, then the (untied) output projection."""
+        """Logits: final LayerNorm, then the (untied) output projection."""
         return self.embed_out(self.final_layer_norm(x))
 
     def build_caches(
-        self, batch_size: int, max_len: int, kind: str = "native", device=None, dtype=None
-    ) -> list[LayerCache]:
-        """One cache per layer; `kind="native"` takes each attention's own cache."""
+        self, batch_size: int, max_len: int, kind: str = "native", device=None, dtype=None, **kwargs: Any
+    ) -> Caches:
+        """One cache per layer and their shared decode state; `kind="native"` takes each attention's own cache.
+
+        `kwargs` go to the cache kind (e.g. int4's `group_size`, `window`).
+        """
         if max_len > self.cfg.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
         param = self.embed_out.weight
@@ -238,13 +252,17 @@ class GPTNeoX(nn.Module):
         caches = []
         for layer in self.layers:
             attn = cast(Attention, layer.attention)
-            layer_kind = attn.cache_kinds[0] if kind == "native" else kind
-            if layer_kind not in attn.cache_kinds:
-                raise ValueError(
-                    f"cache {kind!r} cannot serve attention {attn.name!r} (it serves {list(attn.cache_kinds)})"
-                )
-            caches.append(attn.build_cache(layer_kind, batch_size, max_len, device, dtype))
-        return caches
+            layer_kind = attn.native_cache if kind == "native" else kind
+            spec = CACHES.get(layer_kind)
+            if spec is None or attn.name not in spec.serves:
+                raise cannot_serve(layer_kind, attn.name)
+            caches.append(spec.build(attn, batch_size, max_len, device=device, dtype=dtype, **kwargs))
+        state = DecodeState(
+            slot=torch.zeros(1, dtype=torch.long, device=device),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+            max_len=max_len,
+        )
+        return Caches(caches, state)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
