@@ -1,9 +1,10 @@
 """The int8 KV cache: measured bytes, bounded error, chunked prefill consistency."""
 
+import pytest
 import torch
 
 import kvcompress.methods  # noqa: F401  (registers caches)
-from kvcompress.methods.quant import Int8KVCache
+from kvcompress.methods.quant import Int4KVCache, Int8KVCache, _pack, _quantize4, _unpack
 from kvcompress.models import GPTNeoX, ModelConfig, generate
 
 
@@ -43,3 +44,50 @@ def test_int8_decoding_is_close_to_kv_and_chunking_is_consistent():
         full = model(ids, whole)
         parts = torch.cat([model(ids[:, :5], chunks), model(ids[:, 5:], chunks)], dim=1)
     torch.testing.assert_close(parts, full, atol=1e-5, rtol=1e-5)
+
+
+# --- int4 (KIVI) ------------------------------------------------------------------------------------------
+
+
+def test_int4_bytes_count_codes_scales_zeros_and_window():
+    cfg = ModelConfig.from_name("pythia-70m", vocab_size=8)
+    nh, hs, B, L, G, R = 8, 64, 2, 64, 32, 48
+    cache = Int4KVCache(B, L, nh, hs, dtype=torch.float32, group_size=G, window=R)
+    per_head = (
+        hs // 2  # K codes, two a byte
+        + hs // 2  # V codes
+        + 2 * hs * 4 / G  # K scale + zero per channel, one pair per G tokens
+        + 2 * (hs // G) * 4  # V scale + zero per token, one pair per G channels
+    )
+    window = 2 * R * hs * 4 / L  # the full-precision window, spread over the L slots
+    assert cache.nbytes() == B * nh * L * (per_head + window)
+    caches = GPTNeoX(cfg).to("meta").build_caches(B, L, kind="int4", device="cpu", dtype=torch.float32, window=R)
+    assert caches.nbytes() == cfg.n_layer * cache.nbytes()
+
+
+def test_int4_settings_are_checked():
+    with pytest.raises(ValueError, match="window=8 must be >= group_size=32"):
+        Int4KVCache(1, 16, 2, 64, window=8)
+    with pytest.raises(ValueError, match="group_size=24 must divide head_size=64"):
+        Int4KVCache(1, 16, 2, 64, group_size=24)
+
+
+def test_int4_is_exact_inside_the_window_and_close_beyond_it():
+    model = model_fp32()
+    prompt = torch.randint(0, 512, (2, 20))
+    _, exact = generate(model, prompt, 12, cache="kv", return_logits=True)
+    inside = generate(model, prompt, 12, caches=model.build_caches(2, 32, kind="int4", window=32), return_logits=True)
+    torch.testing.assert_close(inside[1], exact, atol=1e-5, rtol=1e-5)  # every token still in full precision
+    caches = model.build_caches(2, 32, kind="int4", group_size=4, window=4)
+    _, quant = generate(model, prompt, 12, caches=caches, return_logits=True)
+    diff = (exact - quant).abs().max()
+    assert 0 < diff < 0.1 * exact.abs().max()
+
+
+def test_int4_quantization_error_is_bounded():
+    x = torch.randn(2, 3, 8, 16)
+    codes, scale, zero = _quantize4(x, dim=-2)  # per channel over 8 tokens
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    err = (codes.float() * scale + zero - x).abs()
+    assert err.max() > 0 and (err <= scale / 2 + 1e-6).all()
+    assert torch.equal(_unpack(_pack(codes.transpose(-1, -2))), codes.transpose(-1, -2))
