@@ -14,11 +14,17 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class DecodeConfig:
-    """Decode speed: `new_tokens` tokens after a `prompt_len` prompt, `batch_size` sequences (0 tokens: skip)."""
+    """Decode speed: `new_tokens` tokens after a `prompt_len` prompt, `batch_size` sequences (< 2 tokens: skip).
+
+    TTFT (prefill) and TPOT (median decode step), medians of `repeats` generations, as in the bench;
+    `compile` times the torch.compile'd decode step.
+    """
 
     batch_size: int = 1
     prompt_len: int = 64
     new_tokens: int = 64
+    repeats: int = 3
+    compile: bool = False
 
 
 @dataclass

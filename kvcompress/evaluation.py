@@ -4,7 +4,7 @@
 - `autoregressive_token_losses`: the same tokens fed one at a time against a cache; for a lossy cache
   (KA) this is where the train/eval gap shows.
 - `perplexity`, `position_ppl`: PPL and position-bucketed PPL of a (B, T-1) loss tensor.
-- `decode_tokens_per_second`, `cache_bytes_per_token`: speed and size of a cache.
+- `time_decode`, `decode_speed` (TTFT and TPOT), `cache_bytes_per_token`: speed and size of a cache.
 - `reversal_probe`: PPL of synthetic "A is the R of B." facts vs their reversals.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -20,17 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.generate import generate
+from kvcompress.models.caches import Caches
+from kvcompress.models.generate import StepFn, compiled_decode_step, decode_step, prefill
 
 __all__ = [
     "DEFAULT_BUCKETS",
     "autoregressive_token_losses",
     "cache_bytes_per_token",
-    "decode_tokens_per_second",
+    "decode_speed",
     "perplexity",
     "position_ppl",
     "reversal_facts",
     "reversal_probe",
+    "time_decode",
     "token_losses",
 ]
 
@@ -90,34 +93,63 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def decode_tokens_per_second(
+def time_decode(
+    model: nn.Module, prompt: Tensor, new_tokens: int, caches: Caches, step_fn: StepFn | None = None
+) -> dict[str, float]:
+    """One greedy generation, timed in its two parts (the device drained around each timed region).
+
+    TTFT: seconds of `prefill` (cache reset and prompt forward, up to the first token's logits). TPOT: the
+    median seconds of one `decode_step` (one token for every row) over the `new_tokens - 1` steps.
+    """
+    if new_tokens < 2:
+        raise ValueError("time_decode needs new_tokens >= 2 (one prefill token, then decode steps)")
+    device = prompt.device
+    _sync(device)
+    start = time.perf_counter()
+    logits = prefill(model, prompt, caches)
+    _sync(device)
+    ttft = time.perf_counter() - start
+    steps = []
+    for _ in range(new_tokens - 1):
+        nxt = logits.argmax(dim=-1, keepdim=True)
+        _sync(device)
+        start = time.perf_counter()
+        logits = decode_step(model, nxt, caches, step_fn)
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+    return {"ttft_s": ttft, "tpot_s": statistics.median(steps)}
+
+
+@torch.no_grad()
+def decode_speed(
     model: nn.Module,
     batch_size: int,
     prompt_len: int,
     new_tokens: int,
     cache: str = "native",
     warmup: int = 1,
-    repeats: int = 1,
+    repeats: int = 3,
     seed: int = 0,
-) -> float:
-    """Greedy generation throughput with `cache`: batch_size * new_tokens / seconds of `generate`.
+    compile: bool = False,
+) -> dict[str, float]:
+    """TTFT and TPOT (medians over `repeats` generations after `warmup` untimed ones) of greedy decoding
+    with `cache`, from random prompts (seeded); `decode_tokens_per_s` = batch_size / TPOT.
 
-    The timed call includes the prompt prefill; prompts are random ids (seeded). CUDA is synchronized
-    around the timed region. `repeats` timed runs are averaged (after `warmup` untimed ones).
+    The same definition as `python -m kvcompress.bench`.
     """
-    if new_tokens < 1 or repeats < 1:
-        raise ValueError("new_tokens and repeats must be >= 1")
+    if new_tokens < 2 or repeats < 1:
+        raise ValueError("new_tokens must be >= 2 and repeats >= 1")
     device = _device(model)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
+    caches = model.build_caches(batch_size, prompt_len + new_tokens, kind=cache)
+    step_fn = compiled_decode_step() if compile else None
     for _ in range(warmup):
-        generate(model, prompt, new_tokens, cache=cache)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        generate(model, prompt, new_tokens, cache=cache)
-    _sync(device)
-    return batch_size * new_tokens * repeats / (time.perf_counter() - start)
+        time_decode(model, prompt, new_tokens, caches, step_fn)
+    runs = [time_decode(model, prompt, new_tokens, caches, step_fn) for _ in range(repeats)]
+    ttft = statistics.median(r["ttft_s"] for r in runs)
+    tpot = statistics.median(r["tpot_s"] for r in runs)
+    return {"ttft_s": ttft, "tpot_s": tpot, "decode_tokens_per_s": batch_size / tpot}
 
 
 def cache_bytes_per_token(model: nn.Module, cache: str = "native", max_len: int = 128) -> float:

@@ -10,7 +10,7 @@ import torch
 import kvcompress.methods  # noqa: F401  (registers attentions)
 from kvcompress.evaluation import (
     cache_bytes_per_token,
-    decode_tokens_per_second,
+    decode_speed,
     perplexity,
     position_ppl,
     reversal_facts,
@@ -65,9 +65,11 @@ def test_cache_bytes_per_token() -> None:
     assert cache_bytes_per_token(mka) == kv + 2 * cfg.n_embd * 4
 
 
-def test_decode_tokens_per_second_is_positive() -> None:
-    tps = decode_tokens_per_second(tiny_model(), batch_size=2, prompt_len=4, new_tokens=3, warmup=1)
-    assert math.isfinite(tps) and tps > 0
+def test_decode_speed_reports_ttft_and_tpot() -> None:
+    speed = decode_speed(tiny_model(), batch_size=2, prompt_len=4, new_tokens=3, warmup=1, repeats=2)
+    assert set(speed) == {"ttft_s", "tpot_s", "decode_tokens_per_s"}
+    assert all(math.isfinite(v) and v > 0 for v in speed.values())
+    assert speed["decode_tokens_per_s"] == pytest.approx(2 / speed["tpot_s"])
 
 
 def test_reversal_facts_are_deterministic_and_reversed() -> None:

@@ -221,27 +221,37 @@ class Int4KVCache(LayerCache):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
 
     def _attend_decode(self, q: Tensor, step: Step) -> Tensor:
-        """One query per row over the codes (older than the window) and the window; dequantized in the sums."""
+        """One query per row over the codes (older than the window) and the window.
+
+        Scales fold into the small operands (q * K scale per group and channel; p * V scale per token and
+        group), zero points into one sum per group, so the only full-length reads are the packed codes.
+        """
         G, Gv, R, L = self.group_size, self.v_group, self.window, step.mask.shape[-1]
-        dtype, scale = q.dtype, q.shape[-1] ** -0.5
+        B, nh, _, hs = q.shape
+        h2, ng, dtype, scale = hs // 2, self.buffers["k_scale"].shape[2], q.dtype, hs**-0.5
         slot = step.slots  # (1,)
         cols = torch.arange(L, device=q.device)
         old = step.mask & (cols <= slot - R)  # (B, 1, 1, L): the codes, for tokens out of the window
-        k = _unpack(self.buffers["k"][:, :, :L]).to(dtype)  # fused into the sum under torch.compile
-        k = k * self.buffers["k_scale"].repeat_interleave(G, dim=2)[:, :, :L].to(dtype)
-        k = k + self.buffers["k_zero"].repeat_interleave(G, dim=2)[:, :, :L].to(dtype)
-        s_old = ((q * k).sum(-1) * scale).unsqueeze(-2).masked_fill(~old, float("-inf"))  # (B, nh, 1, L)
+        qg = q.view(B, nh, 1, hs)
+        qs = (qg * self.buffers["k_scale"].to(dtype)).unsqueeze(-2)  # (B, nh, ng, 1, hs)
+        qz = (qg * self.buffers["k_zero"].to(dtype)).sum(-1, keepdim=True)  # (B, nh, ng, 1)
+        packed = self.buffers["k"].view(B, nh, ng, G, h2)
+        s_old = (qs[..., :h2] * (packed & 15).to(dtype)).sum(-1) + (qs[..., h2:] * (packed >> 4).to(dtype)).sum(-1)
+        s_old = ((s_old + qz).view(B, nh, ng * G)[..., :L] * scale).unsqueeze(-2)  # (B, nh, 1, L)
+        s_old = s_old.masked_fill(~old, float("-inf"))
         ring = torch.arange(R, device=q.device)
         pos = slot - torch.remainder(slot - ring, R)  # position held by each window entry (R,)
         recent = step.mask[..., pos.clamp_min(0)] & (pos >= 0)  # (B, 1, 1, R): filled, not padding
         s_win = (q @ self.buffers["k_win"].to(dtype).mT) * scale  # (B, nh, 1, R)
         s_win = s_win.masked_fill(~recent, float("-inf"))
         p = _softmax(torch.cat((s_old, s_win), dim=-1))
-        p_old, p_win = p[..., :L], p[..., L:]
-        v = _unpack(self.buffers["v"][:, :, :L]).to(dtype)
-        v = v * self.buffers["v_scale"][:, :, :L].repeat_interleave(Gv, dim=-1).to(dtype)
-        v = v + self.buffers["v_zero"][:, :, :L].repeat_interleave(Gv, dim=-1).to(dtype)
-        out = (p_old.mT * v).sum(-2, keepdim=True)  # (B, nh, 1, hs)
+        p_old, p_win = p[..., :L].mT, p[..., L:]  # (B, nh, L, 1), (B, nh, 1, R)
+        ps = (p_old * self.buffers["v_scale"][:, :, :L].to(dtype)).repeat_interleave(Gv, dim=-1)  # (B, nh, L, hs)
+        pz = (p_old * self.buffers["v_zero"][:, :, :L].to(dtype)).sum(-2, keepdim=True)  # (B, nh, 1, hs/Gv)
+        v = self.buffers["v"][:, :, :L]
+        out_lo = (ps[..., :h2] * (v & 15).to(dtype)).sum(-2, keepdim=True)
+        out_hi = (ps[..., h2:] * (v >> 4).to(dtype)).sum(-2, keepdim=True)
+        out = torch.cat((out_lo, out_hi), dim=-1) + pz.repeat_interleave(Gv, dim=-1)  # (B, nh, 1, hs)
         return out + p_win @ self.buffers["v_win"].to(dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:

@@ -34,10 +34,17 @@ def evaluate_cache(net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch
     ours, kv = evaluation.cache_bytes_per_token(net, cache=kind), kv_bytes_per_token(net)
     out: dict[str, Any] = {"bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv}
     decode = cfg.decode
-    if decode.new_tokens > 0:
-        out["decode_tokens_per_s"] = evaluation.decode_tokens_per_second(
-            net, decode.batch_size, decode.prompt_len, decode.new_tokens, cache=kind
+    if decode.new_tokens > 1:
+        speed = evaluation.decode_speed(
+            net,
+            decode.batch_size,
+            decode.prompt_len,
+            decode.new_tokens,
+            cache=kind,
+            repeats=decode.repeats,
+            compile=decode.compile,
         )
+        out.update(speed)  # ttft_s, tpot_s, decode_tokens_per_s = batch_size / tpot_s
     if batches:
         losses = torch.cat([evaluation.autoregressive_token_losses(net, b, cache=kind) for b in batches])
         out["autoregressive_ppl"] = evaluation.perplexity(losses)
@@ -57,8 +64,9 @@ def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalCon
     batches = _val_batches(datamodule, ar.max_batches, device) if ar.enabled else []
     per_cache = {kind: evaluate_cache(net, kind, cfg, batches) for kind in kinds}
     out: dict[str, Any] = {"cache": {"kind": main, **per_cache[main]}, "caches": per_cache}
-    if "decode_tokens_per_s" in per_cache[main]:
-        out["decode_tokens_per_s"] = per_cache[main]["decode_tokens_per_s"]
+    for key in ("decode_tokens_per_s", "ttft_s", "tpot_s"):
+        if key in per_cache[main]:
+            out[key] = per_cache[main][key]
     if batches:  # the teacher-forced PPL on the same batches, next to the autoregressive one
         out["parallel_ppl"] = evaluation.perplexity(torch.cat([evaluation.token_losses(net, b) for b in batches]))
         out["autoregressive_ppl"] = per_cache[main]["autoregressive_ppl"]
