@@ -54,6 +54,7 @@ class EvalConfig:
     caches: list[str] = field(default_factory=list)  # more cache kinds to measure side by side, e.g. [kv, ka]
     # More evaluations by name: {name: {_target_: fn(net=, datamodule=) -> metrics}}, e.g. eval=lego.
     extra: dict[str, Any] = field(default_factory=dict)
+    cache_kwargs: dict[str, Any] = field(default_factory=dict)  # the run's cache settings (train.py: cache.kwargs)
 
 
 def register_configs() -> None:

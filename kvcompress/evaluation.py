@@ -59,7 +59,9 @@ def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def autoregressive_token_losses(model: nn.Module, input_ids: Tensor, cache: str = "native") -> Tensor:
+def autoregressive_token_losses(
+    model: nn.Module, input_ids: Tensor, cache: str = "native", **cache_kwargs: Any
+) -> Tensor:
     """Per-token CE (B, T-1), decoding token by token with `cache`.
 
     Every forward takes exactly one new position against the cache (teacher-forced: the true tokens are
@@ -67,7 +69,7 @@ def autoregressive_token_losses(model: nn.Module, input_ids: Tensor, cache: str 
     """
     input_ids = input_ids.to(_device(model))
     B, T = input_ids.shape
-    caches = model.build_caches(B, T - 1, kind=cache)
+    caches = model.build_caches(B, T - 1, kind=cache, **cache_kwargs)
     logits = [model(input_ids[:, t : t + 1], caches)[:, -1] for t in range(T - 1)]  # each (B, V)
     return _per_token_ce(torch.stack(logits, dim=1), input_ids[:, 1:])
 
@@ -131,6 +133,7 @@ def decode_speed(
     repeats: int = 3,
     seed: int = 0,
     compile: bool = False,
+    **cache_kwargs: Any,
 ) -> dict[str, float]:
     """TTFT and TPOT (medians over `repeats` generations after `warmup` untimed ones) of greedy decoding
     with `cache`, from random prompts (seeded); `decode_tokens_per_s` = batch_size / TPOT.
@@ -142,7 +145,7 @@ def decode_speed(
     device = _device(model)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
-    caches = model.build_caches(batch_size, prompt_len + new_tokens, kind=cache)
+    caches = model.build_caches(batch_size, prompt_len + new_tokens, kind=cache, **cache_kwargs)
     step_fn = compiled_decode_step() if compile else None
     for _ in range(warmup):
         time_decode(model, prompt, new_tokens, caches, step_fn)
@@ -152,10 +155,10 @@ def decode_speed(
     return {"ttft_s": ttft, "tpot_s": tpot, "decode_tokens_per_s": batch_size / tpot}
 
 
-def cache_bytes_per_token(model: nn.Module, cache: str = "native", max_len: int = 128) -> float:
+def cache_bytes_per_token(model: nn.Module, cache: str = "native", max_len: int = 128, **cache_kwargs: Any) -> float:
     """Cache bytes per token per sequence, all layers, measured from the cache tensors (batch 1)."""
     max_len = min(max_len, model.cfg.max_position_embeddings)
-    caches = model.build_caches(1, max_len, kind=cache)
+    caches = model.build_caches(1, max_len, kind=cache, **cache_kwargs)
     return sum(c.nbytes() for c in caches) / max_len
 
 

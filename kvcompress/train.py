@@ -170,7 +170,7 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
             f"data.seq_len={seq_len} is larger than the model's position limit "
             f"max_position_embeddings={net.cfg.max_position_embeddings}"
         )
-    net.build_caches(1, 2, kind=cfg.cache.name)  # raises when the cache cannot serve this model
+    net.build_caches(1, 2, kind=cfg.cache.name, **(cfg.cache.get("kwargs") or {}))  # raises if it cannot serve
     for kind in cfg.eval.get("caches") or []:
         net.build_caches(1, 2, kind=kind)
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
@@ -296,6 +296,8 @@ def execute(run: PreparedRun) -> dict[str, Any]:
             status = "success"
             return metrics
         eval_cfg = OmegaConf.to_object(cfg.eval)
+        cache_kwargs = cfg.cache.get("kwargs")
+        eval_cfg.cache_kwargs = OmegaConf.to_container(cache_kwargs, resolve=True) if cache_kwargs else {}
         evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)
         for name, evaluate in extra_evaluations.items():
             evaluation[name] = evaluate(net=net, datamodule=datamodule)

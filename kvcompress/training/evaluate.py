@@ -29,9 +29,12 @@ def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: to
 
 
 @torch.no_grad()
-def evaluate_cache(net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch.Tensor]) -> dict[str, Any]:
+def evaluate_cache(
+    net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch.Tensor], **cache_kwargs: Any
+) -> dict[str, Any]:
     """Measured size, decode speed and (optionally) autoregressive PPL of one cache kind."""
-    ours, kv = evaluation.cache_bytes_per_token(net, cache=kind), kv_bytes_per_token(net)
+    ours = evaluation.cache_bytes_per_token(net, cache=kind, **cache_kwargs)
+    kv = kv_bytes_per_token(net)
     out: dict[str, Any] = {"bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv}
     decode = cfg.decode
     if decode.new_tokens > 1:
@@ -43,10 +46,11 @@ def evaluate_cache(net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch
             cache=kind,
             repeats=decode.repeats,
             compile=decode.compile,
+            **cache_kwargs,
         )
         out.update(speed)  # ttft_s, tpot_s, decode_tokens_per_s = batch_size / tpot_s
     if batches:
-        losses = torch.cat([evaluation.autoregressive_token_losses(net, b, cache=kind) for b in batches])
+        losses = torch.cat([evaluation.autoregressive_token_losses(net, b, kind, **cache_kwargs) for b in batches])
         out["autoregressive_ppl"] = evaluation.perplexity(losses)
         out["autoregressive_pos_ppl"] = evaluation.position_ppl(losses)
     return out
@@ -62,7 +66,8 @@ def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalCon
     kinds = [main, *[k for k in cfg.caches if k != main]]
     ar = cfg.autoregressive
     batches = _val_batches(datamodule, ar.max_batches, device) if ar.enabled else []
-    per_cache = {kind: evaluate_cache(net, kind, cfg, batches) for kind in kinds}
+    kwargs = {main: cfg.cache_kwargs}  # the run's cache settings (e.g. int4's group_size)
+    per_cache = {kind: evaluate_cache(net, kind, cfg, batches, **kwargs.get(kind, {})) for kind in kinds}
     out: dict[str, Any] = {"cache": {"kind": main, **per_cache[main]}, "caches": per_cache}
     for key in ("decode_tokens_per_s", "ttft_s", "tpot_s"):
         if key in per_cache[main]:
