@@ -40,7 +40,7 @@ smoke:  ## a tiny end-to-end training run
 quickstart:  ## the first real run: a small Pythia learns WikiText-2 in minutes on a CPU
 	$(BIN)/python -m kvcompress.train experiment=quickstart
 
-bench:  ## the benchmark against transformers (writes outputs/bench/bench.json)
+bench:  ## decode TTFT/TPOT of every cache kind vs KV, training vs HF (CPU preset; writes outputs/bench/bench.json)
 	$(BIN)/python -m kvcompress.bench
 
 clean:  ## remove run outputs and caches
