@@ -159,10 +159,6 @@ class Caches(list):
         return sum(c.nbytes() for c in self)
 
 
-def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 @dataclass(frozen=True)
 class CacheKind:
     name: str
@@ -213,4 +209,4 @@ class KVCache(LayerCache):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         self.append(k, v, step)
-        return masked_sdpa(q, self.read("k", step), self.read("v", step), step.mask)
+        return F.scaled_dot_product_attention(q, self.read("k", step), self.read("v", step), attn_mask=step.mask)
