@@ -203,6 +203,7 @@ class KACache(LayerCache):
         if self.adapter is not None:
             raise ValueError("parallel KA prefill is exact only without an adapter (the adapter is nonlinear)")
         T = q.shape[-2]
+        assert step.n_read is not None  # eager: the first n_read slots
         past = step.n_read - T
         self.write("k", k, step)
         ct = _compute_dtype(q.dtype)

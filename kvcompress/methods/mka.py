@@ -98,7 +98,11 @@ class KALayer(nn.Module):
         B, T, C = a.shape
         h = self.norm(a)
         q, k, v = self.heads(self.q_proj(h)), self.heads(self.k_proj(h)), self.heads(self.v_proj(h))
-        out = ka_attention(q, k, v) if cache is None else cache.attend(q, k, v, step)  # (B, nh, T, hs)
+        if cache is None:
+            out = ka_attention(q, k, v)  # (B, nh, T, hs)
+        else:
+            assert step is not None, "a cached forward needs its Step"
+            out = cache.attend(q, k, v, step)
         return out.transpose(1, 2).reshape(B, T, C)
 
 

@@ -184,6 +184,7 @@ class Int4KVCache(LayerCache):
     def _write_prefill(self, k: Tensor, v: Tensor, step: Step) -> None:
         """T tokens from slot `start` (eager): the groups they touch, completed from the window."""
         G, T = self.group_size, k.shape[-2]
+        assert step.n_read is not None  # eager: the first n_read slots
         start = step.n_read - T
         first = start - start % G
         head = self.buffers["k_win"].index_select(2, torch.arange(first, start, device=k.device) % self.window)
@@ -211,6 +212,7 @@ class Int4KVCache(LayerCache):
         """New tokens see the past as a decoding query would at `start` (codes, the window in full
         precision) and each other in full precision."""
         T = q.shape[-2]
+        assert step.n_read is not None  # eager: the first n_read slots
         start = step.n_read - T
         k_past, v_past = self._dequantized(start, q.dtype)
         recent = torch.arange(max(start - self.window, 0), start, device=q.device)

@@ -50,7 +50,10 @@ class DecodeState:
 
     def reset(self, offset: Tensor | None = None) -> None:
         self.slot.zero_()
-        self.offset.copy_(0 if offset is None else offset)
+        if offset is None:
+            self.offset.zero_()
+        else:
+            self.offset.copy_(offset)
         self.length = 0
 
     def take(self, n_new: int) -> int:
@@ -120,7 +123,8 @@ class LayerCache:
     @classmethod
     def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> LayerCache:
         """The cache for one layer of attention `attn` (its shapes; never a reference to it)."""
-        return cls(batch_size, max_len, attn.n_head, attn.head_size, device=device, dtype=dtype, **kwargs)
+        shape = (attn.n_head, attn.head_size)  # subclasses take (batch_size, max_len, n_head, head_size, ...)
+        return cls(batch_size, max_len, *shape, device=device, dtype=dtype, **kwargs)  # type: ignore[call-arg]
 
     def nbytes(self) -> int:
         """Bytes held by this cache, measured from its tensors."""

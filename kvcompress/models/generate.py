@@ -156,6 +156,7 @@ def generate(
         if i + 1 == max_new_tokens:
             break
         if use_cache:
+            assert caches is not None  # built above
             logits = decode_step(model, nxt[:, None], caches, step_fn)
         else:
             logits = model(tokens[:, : T + i + 1], last_only=True)[:, -1]

@@ -134,7 +134,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         """Per-head attention outputs A (B, nh, T, hs), before W_O; with a cache, its decode path."""
         q, k, v = self.split_qkv(x, rope)
-        return self.attend(q, k, v, aux) if cache is None else self.decode(q, k, v, cache, step)
+        if cache is None:
+            return self.attend(q, k, v, aux)
+        assert step is not None, "a cached forward needs its Step"
+        return self.decode(q, k, v, cache, step)
 
 
 class MLP(nn.Module):
