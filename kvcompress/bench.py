@@ -75,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "bars": dict(
         cells="1x128,8x2000", new_tokens=16, repeats=2, compile="both", systems=",".join([*SYSTEMS, HF]),
-        train_batch=8, seq_lens="128,512", train_steps=3, warmup=1, train_attentions="standard,ka",
+        train_batch=2, seq_lens="128,512", train_steps=2, warmup=1, train_attentions="standard,ka",
     ),
     "gpu": dict(
         cells="1x128,8x2000,32x2000,64x4000", new_tokens=64, repeats=5, compile="both",
