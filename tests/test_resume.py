@@ -23,7 +23,18 @@ RUN = [
 ]
 # Values that may differ between an interrupted and an uninterrupted run: timings, paths, how a stage was obtained.
 # The run record's paths and command line name the run's own folders.
-VOLATILE = {"decode_tokens_per_s", "weights", "reused", "resumed", "paths", "save_dir", "overrides", "command"}
+VOLATILE = {
+    "decode_tokens_per_s",
+    "ttft_s",
+    "tpot_s",
+    "weights",
+    "reused",
+    "resumed",
+    "paths",
+    "save_dir",
+    "overrides",
+    "command",
+}
 
 
 def stage(metrics: dict, name: str) -> dict:
