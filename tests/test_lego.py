@@ -191,12 +191,12 @@ def test_propagate_fills_skipped_layers_from_the_exit_hidden_state():
     model, prompt = lego_model(), random_ids(2, 4)
     caches = model.build_caches(2, 6)
     out = generate_early_exit(model, prompt, 2, threshold=0.0, fill="propagate", caches=caches)
-    assert out.shallow.all() and all(c.length == 5 for c in caches)
+    assert out.shallow.all() and caches.state.length == 5
     ids = out.tokens[:, :5]
     h = model.run_layers(*model.embed(ids), layers=slice(0, 2))[:, -1:]  # the exit hidden state at position 4
     for i in (2, 3):
         layer = model.layers[i]
-        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), model.rope(4, 1, h))
+        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), model.rope(torch.tensor([4]), h))
         torch.testing.assert_close(caches[i].buffers["k"][:, :, 4:5], k, rtol=0, atol=1e-12)
         torch.testing.assert_close(caches[i].buffers["v"][:, :, 4:5], v, rtol=0, atol=1e-12)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kvcompress.models.caches import LayerCache
+from kvcompress.models.caches import Caches, Step, eager_step, span_step
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.generate import generate, sample_next
 from kvcompress.models.gpt_neox import GPTNeoX
@@ -133,17 +133,19 @@ class LegoGPTNeoX(GPTNeoX):
         raise ValueError(f"layer {exit_layer} has no exit; exits are {list(self.exits)}")
 
     def forward_exits(
-        self, input_ids: Tensor, upto: int | None = None, caches: list[LayerCache] | None = None
+        self, input_ids: Tensor, upto: int | None = None, caches: Caches | None = None
     ) -> dict[int, Tensor]:
         """Logits of every exit up to layer `upto` (default: both), running only the layers they need."""
         upto = self.deep_exit if upto is None else upto
         if upto not in self.exits:
             raise ValueError(f"upto={upto} is not an exit; exits are {list(self.exits)}")
-        x, rope = self.embed(input_ids, caches[0].length if caches else 0)
-        x = self.run_layers(x, rope, caches, layers=slice(0, self.shallow_exit))
+        step = None if caches is None else eager_step(caches.state, input_ids.shape[1])
+        x, rope = self.embed(input_ids, None if step is None else step.positions)
+        x = self.run_layers(x, rope, caches, layers=slice(0, self.shallow_exit), step=step)
         out = {self.shallow_exit: self.shallow_head(x)}
         if upto == self.deep_exit:
-            out[self.deep_exit] = self.head(self.run_layers(x, rope, caches, layers=slice(self.shallow_exit, None)))
+            deep = self.run_layers(x, rope, caches, layers=slice(self.shallow_exit, None), step=step)
+            out[self.deep_exit] = self.head(deep)
         return out
 
     def route(self, shallow_logits: Tensor, threshold: float | Tensor | None = None) -> Tensor:
@@ -224,7 +226,7 @@ class Decoded:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def check_fillable(model: LegoGPTNeoX, caches: list[LayerCache], fill: str) -> None:
+def check_fillable(model: LegoGPTNeoX, caches: Caches, fill: str) -> None:
     if fill not in FILL_POLICIES:
         raise ValueError(f"fill={fill!r}: use one of {list(FILL_POLICIES)}")
     if fill == "propagate":
@@ -236,12 +238,12 @@ def check_fillable(model: LegoGPTNeoX, caches: list[LayerCache], fill: str) -> N
             )
 
 
-def _propagate(model: LegoGPTNeoX, h: Tensor, rope: tuple[Tensor, Tensor], caches: list[LayerCache]) -> None:
+def _propagate(model: LegoGPTNeoX, h: Tensor, rope: tuple[Tensor, Tensor], caches: Caches, step: Step) -> None:
     """CALM: every skipped layer's cache gets K/V projected from the exit hidden state h."""
     for i in range(model.shallow_exit, model.deep_exit):
         layer = model.layers[i]
         _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), rope)  # type: ignore[union-attr,operator]
-        caches[i].append(k, v)  # type: ignore[attr-defined]
+        caches[i].append(k, v, step)
 
 
 @torch.no_grad()
@@ -257,7 +259,7 @@ def generate_early_exit(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
-    caches: list[LayerCache] | None = None,
+    caches: Caches | None = None,
 ) -> Decoded:
     """Decode with true early exit: a new token whose shallow confidence >= `threshold` (default: the model's)
     skips the deep layers. Works at batch > 1 with mixed exits; the prompt runs at full depth. `caches` (empty,
@@ -274,11 +276,14 @@ def generate_early_exit(
     tokens[:, :T] = input_ids
     shallow_taken = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=input_ids.device)
     step_logits = []
-    x, rope = model.embed(input_ids, 0)
-    h = model.run_layers(x, rope, caches, layers=slice(0, e))
+    caches.reset()
+    offset = caches.state.offset
+    step = eager_step(caches.state, T)  # the prompt, at full depth
+    x, rope = model.embed(input_ids, step.positions)
+    h = model.run_layers(x, rope, caches, layers=slice(0, e), step=step)
     mid = h.new_empty((B, total, h.shape[-1]))  # exit hidden states: recompute runs the deep layers from them
     mid[:, :T] = h
-    deep_h = model.run_layers(h, rope, caches, layers=slice(e, None))
+    deep_h = model.run_layers(h, rope, caches, layers=slice(e, None), step=step)
     deep_len = T  # positions the deep caches hold
     shallow, deep = model.shallow_head(h[:, -1]), model.head(deep_h[:, -1])
     for i in range(max_new_tokens):
@@ -291,34 +296,36 @@ def generate_early_exit(
         if i + 1 == max_new_tokens:
             break
         p = T + i  # position of the token just drawn
-        x, rope = model.embed(tokens[:, p : p + 1], p)
-        h = model.run_layers(x, rope, caches, layers=slice(0, e))
+        step = span_step(p, 1, offset)  # the shallow caches hold every position; the deep ones may lag
+        caches.state.set_length(p + 1)
+        x, rope = model.embed(tokens[:, p : p + 1], step.positions)
+        h = model.run_layers(x, rope, caches, layers=slice(0, e), step=step)
         mid[:, p] = h[:, 0]
         shallow, deep = model.shallow_head(h[:, 0]), None  # type: ignore[assignment]
         go_deep = confidence(shallow) < threshold
         if fill == "propagate":
             if not go_deep.any():
-                _propagate(model, h, rope, caches)
+                _propagate(model, h, rope, caches, step)
             else:  # deep rows run the layers; shallow rows feed h to each skipped layer, so they get CALM's K/V
                 rows = go_deep[:, None, None]
                 y = h
                 for j in range(e, model.deep_exit):
-                    y = torch.where(rows, model.layers[j](y, rope, caches[j]), h)
+                    y = torch.where(rows, model.layers[j](y, rope, caches[j], None, step), h)
                 deep = model.head(y[:, 0])
             deep_len = p + 1
         elif go_deep.any():  # recompute: the deep layers catch up over every pending position, for all rows
             pending = mid[:, deep_len : p + 1]
-            rope = model.rope(deep_len, p + 1 - deep_len, pending)
-            y = model.run_layers(pending, rope, caches, layers=slice(e, None))
+            catch_up = span_step(deep_len, p + 1 - deep_len, offset)
+            rope = model.rope(catch_up.positions, pending)
+            y = model.run_layers(pending, rope, caches, layers=slice(e, None), step=catch_up)
             deep, deep_len = model.head(y[:, -1]), p + 1
     logits = torch.stack(step_logits, dim=1) if step_logits else None  # type: ignore[assignment]
     return Decoded(tokens, shallow_taken, logits)
 
 
-def truncate(caches: list[LayerCache], length: int) -> None:
-    """Roll every cache back to its first `length` positions."""
-    for c in caches:
-        c.length = length
+def truncate(caches: Caches, length: int) -> None:
+    """Roll every cache back to its first `length` positions (the decode state's length; nothing is erased)."""
+    caches.state.set_length(length)
 
 
 @torch.no_grad()
@@ -348,13 +355,18 @@ def generate_self_speculative(
         k = min(draft_tokens, max_new_tokens - done)
         pos = T + done - 1  # the newest token, not yet run through the model
         hs = []
+        offset = caches.state.offset
         for j in range(k):
-            x, rope = model.embed(tokens[:, pos + j : pos + j + 1], pos + j)
-            h = model.run_layers(x, rope, caches, layers=slice(0, e))
+            step = span_step(pos + j, 1, offset)  # drafts fill the shallow caches only
+            x, rope = model.embed(tokens[:, pos + j : pos + j + 1], step.positions)
+            h = model.run_layers(x, rope, caches, layers=slice(0, e), step=step)
             hs.append(h)
             tokens[:, pos + j + 1] = model.shallow_head(h[:, 0]).argmax(-1)
         mid = torch.cat(hs, dim=1)  # (B, k, C)
-        verified = model.head(model.run_layers(mid, model.rope(pos, k, mid), caches, layers=slice(e, None)))
+        verify = span_step(pos, k, offset)
+        deep = model.run_layers(mid, model.rope(verify.positions, mid), caches, layers=slice(e, None), step=verify)
+        verified = model.head(deep)
+        caches.state.set_length(pos + k)
         full = verified.argmax(-1)  # (B, k): the full model's tokens for positions pos+1 .. pos+k
         drafts = tokens[:, pos + 1 : pos + k + 1]
         runs = (drafts == full).int().cumprod(dim=1).sum(dim=1)  # accepted drafts per row

@@ -15,6 +15,7 @@ codes, scales, zero points and the window.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,8 @@ class Int8KVCache(LayerCache):
     `2 * head_size * element_size`. Lossy: new tokens also attend over their own dequantized K/V,
     so prefilling in chunks gives the same result as prefilling at once.
     """
+
+    fillable: ClassVar[bool] = True
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)

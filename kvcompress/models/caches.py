@@ -30,6 +30,7 @@ __all__ = [
     "cannot_serve",
     "eager_step",
     "register_cache",
+    "span_step",
     "static_step",
 ]
 
@@ -47,6 +48,11 @@ class DecodeState:
     offset: Tensor  # (B,) long
     max_len: int
     length: int = 0
+
+    def set_length(self, length: int) -> None:
+        """Roll back (or forward) to the first `length` slots: what a slot holds depends on no later slot."""
+        self.length = length
+        self.slot.fill_(length)
 
     def reset(self, offset: Tensor | None = None) -> None:
         self.slot.zero_()
@@ -86,15 +92,24 @@ def eager_step(state: DecodeState, n_new: int) -> Step:
     A token sees the earlier slots of its row that are not left padding; a padding token sees only
     itself (so nothing is ever computed over an empty row).
     """
-    start = state.take(n_new)
-    device = state.slot.device
+    step = span_step(state.take(n_new), n_new, state.offset)
+    state.slot.fill_(state.length)
+    return step
+
+
+def span_step(start: int, n_new: int, offset: Tensor) -> Step:
+    """Slots start..start+n_new-1, reading the first start+n_new slots; `offset` (B,) is each row's left padding.
+
+    For loops that fill layers to different depths (early exit, self-speculation); `eager_step` also
+    advances the shared state.
+    """
+    device = offset.device
     slots = torch.arange(start, start + n_new, device=device)  # (T,)
     cols = torch.arange(start + n_new, device=device)  # (n,)
     causal = cols[None, :] <= slots[:, None]  # (T, n)
-    real = cols[None, None, :] >= state.offset[:, None, None]  # (B, 1, n)
+    real = cols[None, None, :] >= offset[:, None, None]  # (B, 1, n)
     mask = causal & (real | (cols[None, :] == slots[:, None]))  # (B, T, n)
-    positions = (slots[None, :] - state.offset[:, None]).clamp_min(0)  # (B, T)
-    state.slot.fill_(start + n_new)
+    positions = (slots[None, :] - offset[:, None]).clamp_min(0)  # (B, T)
     return Step(slots, mask.unsqueeze(1), positions, n_read=start + n_new)
 
 
@@ -111,9 +126,13 @@ def static_step(state: DecodeState) -> Step:
 
 
 class LayerCache:
-    """Base class: preallocated buffers, sized `(batch_size, ..., max_len, d)` (slots on dim -2)."""
+    """Base class: preallocated buffers, sized `(batch_size, ..., max_len, d)` (slots on dim -2).
+
+    `fillable` caches take `append(k, v, step)` without attention (an early exit fills the layers it skipped).
+    """
 
     name: ClassVar[str]
+    fillable: ClassVar[bool] = False
 
     def __init__(self, batch_size: int, max_len: int) -> None:
         self.batch_size = batch_size
@@ -197,6 +216,8 @@ def cannot_serve(kind: str, attention: str) -> ValueError:
 @register_cache("kv", serves=("standard", "ka_adapter"))
 class KVCache(LayerCache):
     """The standard cache: keys and values, (B, nh, max_len, hs) each."""
+
+    fillable: ClassVar[bool] = True
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
         super().__init__(batch_size, max_len)

@@ -218,9 +218,13 @@ class GPTNeoX(nn.Module):
                 )
             positions = torch.arange(T, device=input_ids.device)
         x = self.embed_in(input_ids)  # (B, T, C)
+        return x, self.rope(positions, x)
+
+    def rope(self, positions: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin tables at `positions`, cast once (not per layer) to x's compute dtype."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.rotary(positions)
-        return x, (cos.to(dtype), sin.to(dtype))  # cast once, not per layer
+        return cos.to(dtype), sin.to(dtype)
 
     def run_layers(
         self,
