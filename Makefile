@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all lint format smoke quickstart bench clean
+.PHONY: help install test test-all lint format smoke quickstart bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,11 @@ quickstart:  ## the first real run: a small Pythia learns WikiText-2 in minutes 
 
 bench:  ## decode TTFT/TPOT of every cache kind vs KV, training vs HF (CPU preset; writes outputs/bench/bench.json)
 	$(BIN)/python -m kvcompress.bench
+
+SCALE ?= mini
+TABLES ?=
+reproduce:  ## rerun the seed reports' tables over 3 seeds, write REPRODUCTION.md (SCALE=mini|paper, TABLES=003,004; resumes)
+	$(BIN)/python -m kvcompress.reproduce --scale $(SCALE) $(if $(TABLES),--tables $(TABLES)) $(REPRODUCE_ARGS)
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -150,3 +150,30 @@ def missing_local(local: Path | None, path: Path) -> str:
     if "KVCOMPRESS_DATA_DIR" not in os.environ:
         return "KVCOMPRESS_DATA_DIR (the offline data folder) is not set"
     return f"no file or folder {str(path)!r} and no offline copy of that name under KVCOMPRESS_DATA_DIR"
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, out: str | os.PathLike) -> Path:
+    """Train a byte-level BPE tokenizer (GPT-NeoX style, with `<|endoftext|>`) on `texts`; write tokenizer.json.
+
+    For mini-scale runs: with a 50k vocabulary the output layer dominates small models. Training is
+    deterministic for the same texts and vocab_size; the file is written atomically.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from kvcompress.utils import atomic_write_text
+
+    if vocab_size < 512:
+        raise ValueError(f"vocab_size must be >= 512 (256 byte tokens + merges), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    path = Path(out)
+    atomic_write_text(path, tok.to_str())
+    return path
