@@ -44,7 +44,7 @@ import transformers
 from torch import Tensor, nn
 
 import kvcompress  # noqa: F401  (registers every method's attention and cache)
-from kvcompress.evaluation import time_decode
+from kvcompress.eval.metrics import time_decode
 from kvcompress.models.config import NAMED_SHAPES, ModelConfig
 from kvcompress.models.generate import compiled_decode_step, decode_step, mark_static
 from kvcompress.models.gpt_neox import ATTENTIONS, GPTNeoX

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,45 +221,25 @@ def execute(run: PreparedRun) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from kvcompress.training import PhaseRunner
-    from kvcompress.training.evaluate import run_evaluation
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
-    output_dir = Path(cfg.paths.output_dir)
-    record = run_record(cfg, getattr(datamodule, "info", {}), run.accelerator)
-    loggers = build_loggers(cfg)
-    for logger in loggers:
-        logger.log_hyperparams(record)
+    record, loggers = start_records(run)
 
     def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
         """The run's data (already set up) unless the stage overrides it."""
         return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
 
-    # Method evaluations after training, by name: fn(net=, datamodule=) -> metrics (e.g. eval=lego).
-    extra_evaluations = {name: build_hook(spec, net=net) for name, spec in (cfg.eval.get("extra") or {}).items()}
+    extra_evaluations = build_extra_evaluations(cfg, net)  # before training: their settings fail early
 
     def make_trainer(stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs)
-
-    make_lightning_module = instantiate(cfg.module)  # a partial: the module class and its own settings
-
-    def make_module(model: GPTNeoX, stage: Stage) -> LMModule:
-        optimizer = instantiate(cfg.optimizer, lr=stage.lr)
-        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-        return make_lightning_module(
-            net=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            losses=stage.losses,
-            metric_prefix=stage.name,
-            compile=cfg.compile,
-        )
 
     runner = PhaseRunner(
         net,
         run.stages,
         make_datamodule,
         make_trainer,
-        make_module,
+        module_factory(cfg),
         stage_root=cfg.paths.stage_dir,
         fingerprint=fingerprint(cfg),
         reuse=cfg.phase.reuse,
@@ -295,25 +276,77 @@ def execute(run: PreparedRun) -> dict[str, Any]:
         if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
             status = "success"
             return metrics
-        eval_cfg = OmegaConf.to_object(cfg.eval)
-        cache_kwargs = cfg.cache.get("kwargs")
-        eval_cfg.cache_kwargs = OmegaConf.to_container(cache_kwargs, resolve=True) if cache_kwargs else {}
-        evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)
-        for name, evaluate in extra_evaluations.items():
-            evaluation[name] = evaluate(net=net, datamodule=datamodule)
-        metrics.update(evaluation)
-        metrics.update(record)
-        for logger in loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=runner.step)
-            logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
-        atomic_write_json(output_dir / "metrics.json", metrics)
-        log.info("metrics written to %s", output_dir / "metrics.json")
+        end_of_run(run, metrics, record, loggers, extra_evaluations, step=runner.step)
         status = "success"
         return metrics
     finally:
         for logger in loggers:
             logger.finalize(status)
         close_wandb()
+
+
+def start_records(run: PreparedRun) -> tuple[dict[str, Any], list[Logger]]:
+    """The run record (config, data origin, code version) and the loggers, which get it as hyperparameters."""
+    record = run_record(run.cfg, getattr(run.datamodule, "info", {}), run.accelerator)
+    loggers = build_loggers(run.cfg)
+    for logger in loggers:
+        logger.log_hyperparams(record)
+    return record, loggers
+
+
+def build_extra_evaluations(cfg: DictConfig, net: GPTNeoX) -> dict[str, Any]:
+    """Method evaluations after training, by name: fn(net=, datamodule=) -> metrics (e.g. eval=lego)."""
+    return {name: build_hook(spec, net=net) for name, spec in (cfg.eval.get("extra") or {}).items()}
+
+
+def module_factory(cfg: DictConfig) -> Any:
+    """`make_module(net, stage)`: the `module` group's LightningModule with the stage's lr and losses."""
+    from hydra.utils import instantiate
+
+    make_lightning_module = instantiate(cfg.module)  # a partial: the module class and its own settings
+
+    def make_module(model: GPTNeoX, stage: Stage) -> LMModule:
+        optimizer = instantiate(cfg.optimizer, lr=stage.lr)
+        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        return make_lightning_module(
+            net=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            losses=stage.losses,
+            metric_prefix=stage.name,
+            compile=cfg.compile,
+        )
+
+    return make_module
+
+
+def end_of_run(
+    run: PreparedRun,
+    metrics: dict[str, Any],
+    record: dict[str, Any],
+    loggers: list[Logger],
+    extra_evaluations: dict[str, Any],
+    step: int,
+) -> dict[str, Any]:
+    """The end-of-run evaluation joins `metrics` with the run record; logged as `eval/*`, written to metrics.json."""
+    from kvcompress.eval.end_of_run import run_evaluation
+
+    cfg, net, datamodule = run.cfg, run.net, run.datamodule
+    eval_cfg = OmegaConf.to_object(cfg.eval)
+    cache_kwargs = cfg.cache.get("kwargs")
+    eval_cfg.cache_kwargs = OmegaConf.to_container(cache_kwargs, resolve=True) if cache_kwargs else {}  # type: ignore[union-attr]
+    evaluation = run_evaluation(net.to(run.accelerator), datamodule, eval_cfg)  # type: ignore[arg-type]
+    for name, evaluate in extra_evaluations.items():
+        evaluation[name] = evaluate(net=net, datamodule=datamodule)
+    metrics.update(evaluation)
+    metrics.update(record)
+    for logger in loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=step)
+        logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    atomic_write_json(path, metrics)
+    log.info("metrics written to %s", path)
+    return metrics
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -374,10 +407,11 @@ def one_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
-def run_guarded(cfg: DictConfig) -> float | None:
+def run_guarded(cfg: DictConfig, job: Callable[[PreparedRun], dict[str, Any]] | None = None) -> float | None:
     """`train` under a guard (lightning-hydra-template's `task_wrapper`): every failure goes to train.log and
     W&B is always closed. Bad input (missing data, wrong settings) is one line and exit code 1, no traceback.
-    In a multirun a failed job is recorded (`records.MultirunSummary`) and the sweep goes on."""
+    In a multirun a failed job is recorded (`records.MultirunSummary`) and the sweep goes on. `job` runs after
+    `prepare` (default: `execute`, i.e. train; `python -m kvcompress.eval` passes its evaluation)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -395,7 +429,7 @@ def run_guarded(cfg: DictConfig) -> float | None:
                 return float("inf")  # a failed job: the worst score for a sweeper
             raise SystemExit(1) from None
         try:
-            return objective(cfg, execute(run))
+            return objective(cfg, (job or execute)(run))
         except Exception as err:
             log.exception("run failed")
             why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
-from kvcompress.evaluation import (
+from kvcompress.eval.metrics import (
     cache_bytes_per_token,
     decode_speed,
     perplexity,

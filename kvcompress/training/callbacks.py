@@ -79,7 +79,7 @@ class AutoregressivePPL(L.Callback):
         self.max_batches = max_batches
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from kvcompress import evaluation
+        from kvcompress.eval import metrics
 
         if trainer.sanity_checking:
             return
@@ -87,7 +87,7 @@ class AutoregressivePPL(L.Callback):
         for i, batch in enumerate(trainer.datamodule.val_dataloader()):  # this rank's share under DDP
             if i >= self.max_batches:
                 break
-            losses.append(evaluation.autoregressive_token_losses(pl_module.net, batch.to(pl_module.device), self.cache))
+            losses.append(metrics.autoregressive_token_losses(pl_module.net, batch.to(pl_module.device), self.cache))
         local = torch.cat(losses).double()
         total = pl_module.all_gather(local.sum()).sum()  # summed over ranks (a no-op on one process)
         count = pl_module.all_gather(torch.tensor(float(local.numel()), device=local.device)).sum()

@@ -352,10 +352,7 @@ class PhaseRunner:
         return trainer
 
     def _validation_callbacks(self, stage: Stage) -> list[L.Callback]:
-        callbacks: list[L.Callback] = [*self.extra_callbacks(), *(make() for make in stage.callbacks)]
-        if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
-            callbacks.append(PositionwisePPL())
-        return callbacks
+        return validation_callbacks(self.extra_callbacks(), stage)
 
     def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> dict:
         """Runs the hooks; a hook may return metrics (a dict), which join the stage's record."""
@@ -371,15 +368,27 @@ class PhaseRunner:
             logger.log_metrics(dict(metrics), step=self.step)
 
     def _validate(self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage) -> dict[str, Any]:
-        """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
-        positions = next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL))
-        (raw,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-        prefix = f"{stage.name}/"
-        metrics: dict[str, Any] = {
-            k[len(prefix) :]: float(v) for k, v in raw.items() if k.startswith(prefix) and "val_pos_ppl/" not in k
-        }
-        metrics["val_pos_ppl"] = dict(positions.last)
-        return metrics
+        return validate(trainer, module, datamodule, stage)
+
+
+def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Callback]:
+    """A stage's validation callbacks: the run's, the stage's own, and position-wise PPL."""
+    callbacks: list[L.Callback] = [*extra, *(make() for make in stage.callbacks)]
+    if not any(isinstance(cb, PositionwisePPL) for cb in callbacks):
+        callbacks.append(PositionwisePPL())
+    return callbacks
+
+
+def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataModule, stage: Stage) -> dict[str, Any]:
+    """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
+    positions = next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL))
+    (raw,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    prefix = f"{stage.name}/"
+    metrics: dict[str, Any] = {
+        k[len(prefix) :]: float(v) for k, v in raw.items() if k.startswith(prefix) and "val_pos_ppl/" not in k
+    }
+    metrics["val_pos_ppl"] = dict(positions.last)
+    return metrics
 
 
 def set_log_step(trainer: L.Trainer, step: int) -> None:

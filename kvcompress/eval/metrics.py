@@ -4,7 +4,8 @@
 - `autoregressive_token_losses`: the same tokens fed one at a time against a cache; for a lossy cache
   (KA) this is where the train/eval gap shows.
 - `perplexity`, `position_ppl`: PPL and position-bucketed PPL of a (B, T-1) loss tensor.
-- `time_decode`, `decode_speed` (TTFT and TPOT), `cache_bytes_per_token`: speed and size of a cache.
+- `time_decode`, `decode_speed` (TTFT and TPOT), `cache_bytes_per_token`, `kv_bytes_per_token`: speed and
+  size of a cache.
 - `reversal_probe`: PPL of synthetic "A is the R of B." facts vs their reversals.
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import Caches
+from kvcompress.models.caches import Caches, KVCache
 from kvcompress.models.generate import StepFn, compiled_decode_step, decode_step, prefill
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "autoregressive_token_losses",
     "cache_bytes_per_token",
     "decode_speed",
+    "kv_bytes_per_token",
     "perplexity",
     "position_ppl",
     "reversal_facts",
@@ -187,6 +189,14 @@ RELATIONS = (
     ("grandmother", "grandchild"),
     ("guardian", "ward"),
 )
+
+
+def kv_bytes_per_token(net: nn.Module) -> float:
+    """The standard [K, V] cache's bytes per token for this shape, measured from KVCache tensors."""
+    param = net.embed_out.weight
+    cfg = net.cfg
+    caches = [KVCache(1, 8, cfg.n_head, cfg.head_size, param.device, param.dtype) for _ in net.layers]
+    return sum(c.nbytes() for c in caches) / 8
 
 
 class Tokenizer(Protocol):

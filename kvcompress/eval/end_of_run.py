@@ -1,4 +1,5 @@
-"""End-of-run evaluation: the numbers every run records beside its val PPL."""
+"""The end-of-run evaluation of a trained net: the numbers every run (and `python -m kvcompress.eval`) records
+beside its val PPL, computed with `kvcompress.eval.metrics`."""
 
 from __future__ import annotations
 
@@ -7,16 +8,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from kvcompress import evaluation
 from kvcompress.config import EvalConfig
-from kvcompress.models import GPTNeoX, KVCache
-
-
-def kv_bytes_per_token(net: GPTNeoX) -> float:
-    """The standard [K, V] cache's bytes per token for this shape, measured from KVCache tensors."""
-    param = net.embed_out.weight
-    caches = [KVCache(1, 8, net.cfg.n_head, net.cfg.head_size, param.device, param.dtype) for _ in net.layers]
-    return sum(c.nbytes() for c in caches) / 8
+from kvcompress.eval import metrics
+from kvcompress.models import GPTNeoX
 
 
 def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
@@ -33,12 +27,12 @@ def evaluate_cache(
     net: GPTNeoX, kind: str, cfg: EvalConfig, batches: list[torch.Tensor], **cache_kwargs: Any
 ) -> dict[str, Any]:
     """Measured size, decode speed and (optionally) autoregressive PPL of one cache kind."""
-    ours = evaluation.cache_bytes_per_token(net, cache=kind, **cache_kwargs)
-    kv = kv_bytes_per_token(net)
+    ours = metrics.cache_bytes_per_token(net, cache=kind, **cache_kwargs)
+    kv = metrics.kv_bytes_per_token(net)
     out: dict[str, Any] = {"bytes_per_token": ours, "kv_bytes_per_token": kv, "reduction": 1 - ours / kv}
     decode = cfg.decode
     if decode.new_tokens > 1:
-        speed = evaluation.decode_speed(
+        speed = metrics.decode_speed(
             net,
             decode.batch_size,
             decode.prompt_len,
@@ -50,9 +44,9 @@ def evaluate_cache(
         )
         out.update(speed)  # ttft_s, tpot_s, decode_tokens_per_s = batch_size / tpot_s
     if batches:
-        losses = torch.cat([evaluation.autoregressive_token_losses(net, b, kind, **cache_kwargs) for b in batches])
-        out["autoregressive_ppl"] = evaluation.perplexity(losses)
-        out["autoregressive_pos_ppl"] = evaluation.position_ppl(losses)
+        losses = torch.cat([metrics.autoregressive_token_losses(net, b, kind, **cache_kwargs) for b in batches])
+        out["autoregressive_ppl"] = metrics.perplexity(losses)
+        out["autoregressive_pos_ppl"] = metrics.position_ppl(losses)
     return out
 
 
@@ -73,10 +67,10 @@ def run_evaluation(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalCon
         if key in per_cache[main]:
             out[key] = per_cache[main][key]
     if batches:  # the teacher-forced PPL on the same batches, next to the autoregressive one
-        out["parallel_ppl"] = evaluation.perplexity(torch.cat([evaluation.token_losses(net, b) for b in batches]))
+        out["parallel_ppl"] = metrics.perplexity(torch.cat([metrics.token_losses(net, b) for b in batches]))
         out["autoregressive_ppl"] = per_cache[main]["autoregressive_ppl"]
     if cfg.reversal.enabled:
-        out["reversal"] = evaluation.reversal_probe(
+        out["reversal"] = metrics.reversal_probe(
             net, datamodule.tokenizer, n_facts=cfg.reversal.n_facts, cache=main if batches else None
         )
     return out

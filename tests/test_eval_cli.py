@@ -1,0 +1,87 @@
+"""`python -m kvcompress.eval`: a smoke run's checkpoint evaluates to that run's val PPL exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMOKE = ["debug=smoke", "logger=csv", "print_config=false", "data=local"]
+
+
+def _run(module: str, args: list[str], cwd: Path, corpus: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KVCOMPRESS_CACHE_DIR": str(cwd / "cache"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    root = tmp_path_factory.mktemp("eval_cli")
+    run = root / "run"
+    args = [*SMOKE, f"data.path={corpus}", f"hydra.run.dir={run}", f"paths.stage_dir={root / 'stages'}"]
+    done = _run("kvcompress.train", args, root, corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+SAME_SCHEMA = ["val_ppl", "val_loss", "val_acc", "val_pos_ppl", "cache", "caches", "tpot_s", "config", "data", "code"]
+
+
+@pytest.mark.parametrize("form", ["run folder", "weights file"])
+def test_eval_reproduces_the_runs_val_ppl_exactly(smoke_run: Path, corpus: Path, form: str) -> None:
+    trained = json.loads((smoke_run / "metrics.json").read_text())
+    if form == "run folder":
+        args = [f"ckpt_path={smoke_run}"]
+    else:  # the model and data come from this command
+        args = [f"ckpt_path={trained['stages'][-1]['weights']}", *SMOKE, f"data.path={corpus}"]
+    out = smoke_run.parent / f"eval-{form.replace(' ', '_')}"
+    done = _run("kvcompress.eval", [*args, f"hydra.run.dir={out}", "logger=csv"], smoke_run.parent, corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = json.loads((out / "metrics.json").read_text())
+    for key in ("val_ppl", "val_loss", "val_acc", "val_pos_ppl"):
+        assert evaluated[key] == trained[key], key
+    assert evaluated["ckpt_path"].endswith(args[0].split("=", 1)[1])
+    assert all(key in evaluated for key in SAME_SCHEMA)
+    assert evaluated["cache"]["bytes_per_token"] == trained["cache"]["bytes_per_token"]
+    assert list((out / "csv").glob("**/metrics.csv")) or list(out.glob("**/metrics.csv"))  # logged like training
+
+
+def test_a_bad_ckpt_path_fails_naming_it(tmp_path: Path, corpus: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not weights")
+    for bad in [tmp_path / "missing.ckpt", tmp_path / "notes.txt", tmp_path]:
+        done = _run("kvcompress.eval", [f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, corpus)
+        assert done.returncode != 0
+        assert "ckpt_path=" in done.stderr + done.stdout
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_analysis_notebook_runs_on_a_multirun(tmp_path: Path, corpus: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    sweep = tmp_path / "multirun"
+    args = [
+        "-m",
+        *SMOKE,
+        f"data.path={corpus}",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.stage_dir={tmp_path / 's'}",
+    ]
+    assert _run("kvcompress.train", args, tmp_path, corpus).returncode == 0
+    notebook = nbformat.read(Path(__file__).parent.parent / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["KVC_RESULTS_DIR"] = str(sweep)
+    try:
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    finally:
+        del os.environ["KVC_RESULTS_DIR"]
+    text = json.dumps(notebook)
+    assert "2 runs under" in text and "| configuration | n |" in text and "image/png" in text
