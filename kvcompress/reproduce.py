@@ -406,22 +406,33 @@ TABLES: dict[str, Table] = {
 # ----------------------------------------------------------------------------- REPRODUCTION.md
 
 
+def _metrics_of(spec: RunSpec) -> list[dict[str, Any]]:
+    """The finished run's metrics.json (with `_folder`), or nothing."""
+    if not finished(spec):
+        return []
+    metrics = json.loads((spec.folder / "metrics.json").read_text())
+    return [{**metrics, "_folder": str(spec.folder)}]
+
+
 def load_table_runs(specs: Sequence[RunSpec]) -> Runs:
     runs: Runs = {}
     for spec in specs:
-        path = spec.folder / "metrics.json"
-        if finished(spec):
-            metrics = json.loads(path.read_text())
-            metrics["_folder"] = str(spec.folder)
+        for metrics in _metrics_of(spec):
             runs.setdefault(spec.name, []).append(metrics)
     return runs
+
+
+def run_seconds(spec: RunSpec) -> float:
+    """The run's training wall time (recorded by `execute` in reproduce.json)."""
+    return float(json.loads((spec.folder / RUN_FILE).read_text()).get("seconds", 0.0))
 
 
 def table_section(table: str, specs: Sequence[RunSpec], out: Path, plots: dict[str, Path]) -> list[str]:
     spec_table = TABLES[table]
     runs = load_table_runs(specs)
     names = list(dict.fromkeys(s.name for s in specs))
-    lines = [f"## Table {table}: {spec_table.title}", ""]
+    seconds = sum(run_seconds(s) for s in specs if finished(s))
+    lines = [f"## Table {table}: {spec_table.title}", "", f"Training time: {seconds / 60:.1f} min (all its runs).", ""]
     lines += ["| run | seeds finished | overrides |", "| --- | --- | --- |"]
     for name in names:
         first = next(s for s in specs if s.name == name)
@@ -453,17 +464,22 @@ def write_reproduction(
     code = git_state() or {}
     scale = protocol["scale"]
     reused = sum(verdict == "reused" for verdict, _ in status.values())
+    times = [run_seconds(s) for s in specs if finished(s)]
+    train_s, n_done = sum(times), len(times)
     lines = [
         f"# REPRODUCTION ({scale} scale)",
         "",
         f"- Command: `python -m kvcompress.reproduce {' '.join(sys.argv[1:])}`",
         f"- Code: commit `{code.get('commit')}`" + (" (uncommitted changes)" if code.get("dirty") else ""),
-        f"- Wall time of this invocation: {wall_s / 60:.1f} min, {reused} runs reused",
+        f"- Training time (each run's own wall time, summed): {train_s / 60:.1f} min over {n_done} finished runs; "
+        f"this invocation: {wall_s / 60:.1f} min, {reused} runs reused",
         f"- Seeds: {sorted({s.seed for s in specs})}; machine: {os.cpu_count()} CPU cores",
         f"- Protocol: `conf/reproduce/{scale}.yaml`. {protocol.get('description', '').strip()}",
     ]
     if tokenizer is not None:
         lines.append(f"- Tokenizer: `{tokenizer}` (sha256 `{file_sha256(tokenizer)[:16]}…`), trained by this run")
+    commits = sorted({str((m.get("code") or {}).get("commit", "?"))[:10] for s in specs for m in _metrics_of(s)})
+    lines.append(f"- Code the runs trained on (their metrics.json `code.commit`): {', '.join(commits) or '—'}")
     failed = [s for s, (v, _) in status.items() if v == "failed"]
     if failed:
         lines.append(
