@@ -278,14 +278,14 @@ def _claim_000_diverge(runs: Runs) -> tuple[str, str]:
 
 
 def adapter_curve(folder: Path) -> list[tuple[float, float]]:
-    """(adapter val loss, KA-cache AR PPL) per adapter-stage validation, from the run's CSV log."""
+    """(adapter val loss `adapter/val_adapter`, KA-cache AR PPL) per adapter-stage validation, from the run's CSV log."""
     import csv
 
     rows: list[tuple[float, float]] = []
     for path in sorted(folder.rglob("metrics.csv")):
         with open(path) as f:
             for row in csv.DictReader(f):
-                loss, ppl = row.get("adapter/val_loss") or "", row.get("adapter/val_ar_ppl") or ""
+                loss, ppl = row.get("adapter/val_adapter") or "", row.get("adapter/val_ar_ppl") or ""
                 if loss and ppl:
                     rows.append((float(loss), float(ppl)))
     return rows

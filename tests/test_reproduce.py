@@ -93,7 +93,7 @@ def test_adapter_divergence_is_read_from_the_csv_log(tmp_path: Path) -> None:
     log = tmp_path / "csv" / "version_0"
     log.mkdir(parents=True)
     (log / "metrics.csv").write_text(
-        "epoch,step,adapter/val_loss,adapter/val_ar_ppl,base/val_loss\n0,10,,,5.0\n0,20,0.5,400,\n1,30,0.3,450,\n"
+        "epoch,step,adapter/val_adapter,adapter/val_ar_ppl,base/val_loss\n0,10,,,5.0\n0,20,0.5,400,\n1,30,0.3,450,\n"
     )
     assert reproduce.adapter_curve(tmp_path) == [(0.5, 400.0), (0.3, 450.0)]
     runs = {"ka_adapter": [{"_folder": str(tmp_path)}]}
