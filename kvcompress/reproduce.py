@@ -278,7 +278,7 @@ def _claim_000_diverge(runs: Runs) -> tuple[str, str]:
 
 
 def adapter_curve(folder: Path) -> list[tuple[float, float]]:
-    """(adapter val loss `adapter/val_adapter`, KA-cache AR PPL) per adapter-stage validation, from the run's CSV log."""
+    """(adapter loss `adapter/val_adapter`, KA-cache AR PPL) per adapter-stage validation, from the CSV log."""
     import csv
 
     rows: list[tuple[float, float]] = []
