@@ -326,12 +326,14 @@ def _claim_002_hard(runs: Runs) -> tuple[str, str]:
 
 
 def _claim_002_ratio(runs: Runs) -> tuple[str, str]:
-    ratio = mean(values(runs, "lego", "stages.deep.shallow_ratio"))
+    # The validation ratio is 50% by construction (the threshold is calibrated on it after phase 2); the share
+    # of generated tokens that exit shallow is the held-out figure.
+    ratio = mean(values(runs, "lego", "lego_decode.recompute.shallow_share"))
     if ratio != ratio:
-        return NOT_COMPARABLE, "no shallow ratio recorded"
+        return NOT_COMPARABLE, "no shallow share recorded while decoding"
     return (
         REPRODUCED if abs(ratio - 0.70) <= 0.10 else NOT_REPRODUCED
-    ), f"shallow ratio {ratio:.1%} (claim 70% ± 10 points)"
+    ), f"shallow share while decoding {ratio:.1%} (claim 70% ± 10 points)"
 
 
 @dataclass
@@ -375,7 +377,8 @@ TABLES: dict[str, Table] = {
             ("phase 2 val PPL", "lego", "val_ppl", 829.78),
             ("hard-token PPL, phase 1", "lego", "stages.shallow.hard_ppl_before", 2763.69),
             ("hard-token PPL, phase 2", "lego", "stages.deep.hard_ppl_after", 668.08),
-            ("shallow ratio", "lego", "stages.deep.shallow_ratio", 0.704),
+            ("shallow ratio (ours: on validation, 0.5 by calibration)", "lego", "stages.deep.shallow_ratio", 0.704),
+            ("shallow ratio (ours: while decoding)", "lego", "lego_decode.recompute.shallow_share", 0.704),
             ("compute cost", "lego", "stages.deep.compute_cost", 0.6482),
         ],
         [

@@ -80,13 +80,14 @@ def test_claims_are_judged_from_the_seed_means() -> None:
             {
                 "stages": [
                     {"name": "shallow", "hard_ppl_before": 2000},
-                    {"name": "deep", "hard_ppl_after": 700, "shallow_ratio": 0.75},
-                ]
+                    {"name": "deep", "hard_ppl_after": 700, "shallow_ratio": 0.5},
+                ],
+                "lego_decode": {"recompute": {"shallow_share": 0.75}},
             }
         ]
     }
     assert reproduce._claim_002_hard(lego)[0] == REPRODUCED
-    assert reproduce._claim_002_ratio(lego)[0] == REPRODUCED
+    assert reproduce._claim_002_ratio(lego)[0] == REPRODUCED  # the held-out share, not the calibrated 50%
 
 
 def test_adapter_divergence_is_read_from_the_csv_log(tmp_path: Path) -> None:
