@@ -374,7 +374,8 @@ TABLES: dict[str, Table] = {
         "LEGO (report 002): two-phase early exit with hard-example mining",
         [
             ("phase 1 (shallow) val PPL", "lego", "stages.shallow.val_ppl", 986.43),
-            ("phase 2 val PPL", "lego", "val_ppl", 829.78),
+            ("phase 2 val PPL (ours: deep exit)", "lego", "val_ppl", 829.78),
+            ("phase 2 val PPL (ours: two-stage routed)", "lego", "stages.deep.val_ppl_routed", 829.78),
             ("hard-token PPL, phase 1", "lego", "stages.shallow.hard_ppl_before", 2763.69),
             ("hard-token PPL, phase 2", "lego", "stages.deep.hard_ppl_after", 668.08),
             ("shallow ratio (ours: on validation, 0.5 by calibration)", "lego", "stages.deep.shallow_ratio", 0.704),
