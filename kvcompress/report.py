@@ -153,7 +153,8 @@ def csv_text(rows: Sequence[Aggregate]) -> str:
     writer = csv.writer(buf)
     writer.writerow(["configuration", "n", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
     for row in rows:
-        writer.writerow([row.label, row.n, *[f"{getattr(row, s)(k):.6g}" for k in keys for s in ("mean", "std")]])
+        cells = [getattr(row, s)(k) for k in keys for s in ("mean", "std")]
+        writer.writerow([row.label, row.n, *["" if math.isnan(x) else f"{x:.6g}" for x in cells]])  # n=1: no std
     return buf.getvalue()
 
 
@@ -299,7 +300,9 @@ def write_report(
 def log_to_wandb(written: dict[str, Path]) -> None:
     import wandb as wb
 
-    with wb.init(project="kvcompress", job_type="report", mode=os.environ.get("WANDB_MODE", "offline")) as run:  # type: ignore[attr-defined]
+    mode = os.environ.get("WANDB_MODE", "offline")
+    folder = str(written["csv"].parent)  # the offline run goes beside the report, not into the working directory
+    with wb.init(project="kvcompress", job_type="report", mode=mode, dir=folder) as run:  # type: ignore[attr-defined]
         with open(written["csv"]) as f:
             rows = list(csv.reader(f))
         run.log({"report": wb.Table(columns=rows[0], data=rows[1:])})

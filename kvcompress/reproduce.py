@@ -265,7 +265,7 @@ def _claim_000_diverge(runs: Runs) -> tuple[str, str]:
     """From the adapter stage's per-epoch validation in each seed's CSV log."""
     seen, diverged = 0, 0
     for m in runs.get("ka_adapter", []):
-        curve = adapter_curve(Path(m.get("_folder", "")))
+        curve = adapter_curve(Path(m["_folder"])) if m.get("_folder") else []  # never the working directory
         if len(curve) < 2:
             continue
         seen += 1
@@ -509,7 +509,8 @@ def table_plots(out: Path, table: str, specs: Sequence[RunSpec]) -> dict[str, Pa
     label = {str(s.folder.resolve()): s.name for s in specs}
     for run in runs:
         run.label = label.get(str(Path(run.path).resolve()), run.label)
-    written = report.write_report(runs, out / table / "report")
+    failed = [s.folder for s in specs if not finished(s) and s.folder.is_dir()]
+    written = report.write_report(runs, out / table / "report", failed=failed)
     return {k: Path(p) for k, p in written.items() if str(p).endswith(".png")}
 
 

@@ -42,6 +42,8 @@ def test_report_aggregates_seeds_per_configuration(sweep: Path) -> None:
     with open(out / "report.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["n"] for r in csv_rows] == ["2", "2"]
+    one = report.csv_text(report.aggregate(runs[:1])).splitlines()[1].split(",")
+    assert one[1] == "1" and "" in one and "nan" not in one  # n=1: the std cells are blank
     assert float(csv_rows[0]["val_ppl_std"]) == pytest.approx(rows[0].std("val_ppl"), rel=1e-5)
     for name in ("position_ppl", "ppl_vs_bytes", "tpot", "training_curves"):
         assert (out / f"{name}.png").read_bytes().startswith(PNG)
