@@ -6,10 +6,43 @@ composition, and the defaults below are the only ones (code reads them from the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class CacheConfig:
+    """A cache kind and its own settings: the `cache` group (conf/cache/<kind>.yaml) and each item of
+    `eval.caches`. `label` names its results (default: the kind, plus its settings when it has any)."""
+
+    name: str = "native"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + ")"
+
+    @classmethod
+    def parse(cls, item: Any, setting: str = "eval.caches") -> CacheConfig:
+        """A kind's name, a mapping {name, kwargs, label}, or a CacheConfig."""
+        if isinstance(item, CacheConfig):
+            return item
+        if isinstance(item, str):
+            return cls(item)
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            unknown = set(item) - {"name", "kwargs", "label"}
+            if unknown:
+                raise ValueError(f"{setting}: {item!r} has unknown keys {sorted(unknown)} (use name, kwargs, label)")
+            return cls(str(item["name"]), dict(item.get("kwargs") or {}), item.get("label"))
+        raise ValueError(f"{setting}: {item!r} is neither a cache kind's name nor {{name: ..., kwargs: {{...}}}}")
 
 
 @dataclass
@@ -47,14 +80,24 @@ class ReversalConfig:
 class EvalConfig:
     """After training: measured cache size, decode speed and optional extra evaluations."""
 
-    cache: str = "native"  # the run's cache (conf/eval/default.yaml: ${cache.name})
+    cache: CacheConfig = field(default_factory=CacheConfig)  # the run's cache (conf/eval/default.yaml: ${cache})
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
-    caches: list[str] = field(default_factory=list)  # more cache kinds to measure side by side, e.g. [kv, ka]
+    # More caches to measure side by side: kinds' names or {name, kwargs, label}, e.g. [kv, {name: int4, kwargs:
+    # {group_size: 16}}]; each gets its own settings (CacheConfig.parse).
+    caches: list[Any] = field(default_factory=list)
     # More evaluations by name: {name: {_target_: fn(net=, datamodule=) -> metrics}}, e.g. eval=lego.
     extra: dict[str, Any] = field(default_factory=dict)
-    cache_kwargs: dict[str, Any] = field(default_factory=dict)  # the run's cache settings (train.py: cache.kwargs)
+
+    def all_caches(self) -> dict[str, CacheConfig]:
+        """By result key: the run's cache first, under its label or name, then the others under theirs (a key
+        given twice is measured once)."""
+        out = {self.cache.label or self.cache.name: self.cache}
+        for item in self.caches:
+            cache = CacheConfig.parse(item)
+            out.setdefault(cache.key, cache)
+        return out
 
 
 def register_configs() -> None:

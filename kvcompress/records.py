@@ -10,6 +10,7 @@ tag W&B runs from the same overrides, so the jobs of a sweep differ on the dashb
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -61,10 +62,38 @@ def run_tags(tags: Any, *, _root_: DictConfig) -> list[str]:
     return list(dict.fromkeys([*(tags or []), *(str(t) for t in auto if t)]))
 
 
+def _precision() -> str:
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def _devices() -> str | int:
+    """DDP: every GPU, or 2 CPU processes."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else 2
+
+
+def _wandb_offline() -> bool:
+    return os.environ.get("WANDB_MODE", "offline") == "offline"
+
+
 def register_resolvers() -> None:
-    for name, fn in {"kvc.run_name": run_name, "kvc.run_group": run_group, "kvc.tags": run_tags}.items():
+    """The `kvc.*` resolvers the configs use (W&B names and tags, precision, devices, the launch pid)."""
+    resolvers: dict[str, Any] = {
+        "kvc.run_name": run_name,
+        "kvc.run_group": run_group,
+        "kvc.tags": run_tags,
+        "kvc.precision": _precision,
+        "kvc.devices": _devices,
+        "kvc.wandb_offline": _wandb_offline,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("kvc.pid"):
+        OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
 
 
 def git_state(path: str | Path | None = None) -> dict[str, Any] | None:

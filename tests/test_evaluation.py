@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
-from kvcompress.eval.metrics import (
+from kvcompress.evaluation.metrics import (
     cache_bytes_per_token,
     decode_speed,
     perplexity,

@@ -13,7 +13,7 @@ from helpers import randomized as _randomized
 from torch import Tensor
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
-from kvcompress.eval.metrics import autoregressive_token_losses, token_losses
+from kvcompress.evaluation.metrics import autoregressive_token_losses, token_losses
 from kvcompress.methods.ka import KACache
 from kvcompress.methods.ka_adapter import KAAdapter, KAAdapterAttention
 from kvcompress.models import GPTNeoX, ModelConfig

@@ -16,13 +16,12 @@ from kvcompress.methods.lego import (
     calibrate_threshold,
     compute_cost,
     confidence,
-    generate_early_exit,
-    generate_self_speculative,
     hard_mask,
     hard_windows,
 )
+from kvcompress.methods.lego_decode import generate_early_exit, generate_self_speculative
 from kvcompress.models import GPTNeoX, ModelConfig, generate
-from kvcompress.train import train
+from kvcompress.run import train
 from kvcompress.training.module import weighted_mean
 
 CFG = ModelConfig.from_name("tiny", n_layer=4)

@@ -11,7 +11,7 @@ from helpers import random_ids as ids
 from helpers import randomized as _randomized
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
-from kvcompress.eval.metrics import autoregressive_token_losses, token_losses
+from kvcompress.evaluation.metrics import autoregressive_token_losses, token_losses
 from kvcompress.methods.ka import ka_attention_reference
 from kvcompress.methods.mka import (
     MKA_PARAM_PATTERN,

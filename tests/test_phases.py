@@ -172,7 +172,7 @@ def test_stage_hooks_and_stage_callbacks_run_in_order(tmp_path):
     calls = []
 
     def hook(label):
-        return lambda **kw: calls.append((label, kw["stage"].name, type(kw["datamodule"]).__name__))
+        return lambda **kw: calls.append((label, kw["stage"].name, type(kw["datamodule"]).__name__)) or {}
 
     class Seen(L.Callback):
         def on_train_start(self, trainer, pl_module):

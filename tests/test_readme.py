@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from kvcompress.train import CONF_DIR, train
+from kvcompress.run import CONF_DIR, train
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = re.compile(r"python -m kvcompress\.train\b([^`\n#]*)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_eval_cli import SMOKE, _run
 
-from kvcompress import report
+from kvcompress.evaluation import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcompress import reproduce
-from kvcompress.reproduce import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED
+from kvcompress.reproduce import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED, claims, runs
 
 
 @pytest.mark.parametrize("scale", ["mini", "paper"])
@@ -47,19 +47,19 @@ def _metrics(val_ppl: float, pos: list[float], **extra: object) -> dict[str, obj
 
 def test_claims_are_judged_from_the_seed_means() -> None:
     ka_close = {"baseline": [_metrics(100, [3, 2, 1]), _metrics(102, [3, 2, 1])], "ka": [_metrics(102, [3, 2, 1])]}
-    assert reproduce._claim_003(ka_close)[0] == REPRODUCED
+    assert claims._claim_003(ka_close)[0] == REPRODUCED
     ka_far = {**ka_close, "ka": [_metrics(110, [3, 2, 1])]}
-    verdict, evidence = reproduce._claim_003(ka_far)
+    verdict, evidence = claims._claim_003(ka_far)
     assert verdict == NOT_REPRODUCED and "+8.9%" in evidence
-    assert reproduce._pos_falls(ka_close)[0] == REPRODUCED
-    assert reproduce._pos_falls({"baseline": [_metrics(1, [3, 4, 1])]})[0] == NOT_REPRODUCED
+    assert claims._pos_falls(ka_close)[0] == REPRODUCED
+    assert claims._pos_falls({"baseline": [_metrics(1, [3, 4, 1])]})[0] == NOT_REPRODUCED
 
     order = {  # 2-phase <= end-to-end <= baseline in every bucket, except one
         "two_stage": [_metrics(90, [9, 5, 3])],
         "end_to_end": [_metrics(95, [10, 6, 4])],
         "baseline": [_metrics(99, [11, 7, 3.5])],
     }
-    verdict, evidence = reproduce._claim_004(order)
+    verdict, evidence = claims._claim_004(order)
     assert verdict == NOT_REPRODUCED and "two_stage 90.0 ≤ end_to_end 95.0 ≤ baseline 99.0" in evidence
 
     caches = {
@@ -70,11 +70,11 @@ def test_claims_are_judged_from_the_seed_means() -> None:
         }
     }
     runs = {"ka_adapter": [_metrics(1, [1, 1, 1], **caches)]}
-    assert reproduce._claim_000_gap(runs)[0] == REPRODUCED
-    verdict, evidence = reproduce._claim_000_recovers(runs)
+    assert claims._claim_000_gap(runs)[0] == REPRODUCED
+    verdict, evidence = claims._claim_000_recovers(runs)
     assert verdict == REPRODUCED and "recovers 75% of the gap" in evidence
-    assert reproduce._claim_000_diverge(runs)[0] == NOT_COMPARABLE  # no CSV log
-    assert reproduce._claim_002_hard({"lego": [{}]})[0] == NOT_COMPARABLE
+    assert claims._claim_000_diverge(runs)[0] == NOT_COMPARABLE  # no CSV log
+    assert claims._claim_002_hard({"lego": [{}]})[0] == NOT_COMPARABLE
     lego = {
         "lego": [
             {
@@ -86,8 +86,8 @@ def test_claims_are_judged_from_the_seed_means() -> None:
             }
         ]
     }
-    assert reproduce._claim_002_hard(lego)[0] == REPRODUCED
-    assert reproduce._claim_002_ratio(lego)[0] == REPRODUCED  # the held-out share, not the calibrated 50%
+    assert claims._claim_002_hard(lego)[0] == REPRODUCED
+    assert claims._claim_002_ratio(lego)[0] == REPRODUCED  # the held-out share, not the calibrated 50%
 
 
 def test_adapter_divergence_is_read_from_the_csv_log(tmp_path: Path) -> None:
@@ -96,18 +96,18 @@ def test_adapter_divergence_is_read_from_the_csv_log(tmp_path: Path) -> None:
     (log / "metrics.csv").write_text(
         "epoch,step,adapter/val_adapter,adapter/val_ar_ppl,base/val_loss\n0,10,,,5.0\n0,20,0.5,400,\n1,30,0.3,450,\n"
     )
-    assert reproduce.adapter_curve(tmp_path) == [(0.5, 400.0), (0.3, 450.0)]
+    assert claims.adapter_curve(tmp_path) == [(0.5, 400.0), (0.3, 450.0)]
     runs = {"ka_adapter": [{"_folder": str(tmp_path)}]}
-    assert reproduce._claim_000_diverge(runs)[0] == REPRODUCED
+    assert claims._claim_000_diverge(runs)[0] == REPRODUCED
 
 
 def test_a_finished_run_is_reused_only_with_the_same_overrides(tmp_path: Path) -> None:
     spec = reproduce.RunSpec("003", "ka", 0, ("experiment=report003_ka",), tmp_path / "run")
     spec.folder.mkdir()
     (spec.folder / "metrics.json").write_text("{}")
-    assert not reproduce.finished(spec)  # no record of what trained it
-    (spec.folder / reproduce.RUN_FILE).write_text(json.dumps({"overrides": ["experiment=report003_ka"]}))
-    assert reproduce.finished(spec)
-    assert reproduce.execute(spec, tmp_path / "stages") == ("reused", 0.0)
+    assert not runs.finished(spec)  # no record of what trained it
+    (spec.folder / runs.RUN_FILE).write_text(json.dumps({"overrides": ["experiment=report003_ka"]}))
+    assert runs.finished(spec)
+    assert runs.execute(spec, tmp_path / "stages") == ("reused", 0.0)
     changed = reproduce.RunSpec("003", "ka", 0, ("experiment=report003_ka", "data.seq_len=64"), spec.folder)
-    assert not reproduce.finished(changed)
+    assert not runs.finished(changed)

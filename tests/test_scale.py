@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from kvcompress.train import CONF_DIR
+from kvcompress.run import CONF_DIR
 
 
 def train_cli(
@@ -55,7 +55,7 @@ def test_scale_out_configs_compose():
 def test_over_budget_cache_scores_inf():
     from omegaconf import OmegaConf
 
-    from kvcompress.train import objective
+    from kvcompress.run import objective
 
     cache = {"bytes_per_token": 900.0, "kv_bytes_per_token": 1000.0}
     assert objective(OmegaConf.create({"cache_budget": 0.8}), {"val_ppl": 5.0, "cache": cache}) == float("inf")

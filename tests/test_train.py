@@ -22,7 +22,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 from kvcompress.models.weights import load_weights
-from kvcompress.train import CONF_DIR, train
+from kvcompress.run import CONF_DIR, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 WORDS = "the of a model cache key value attention token layer train data loss head rank".split()

@@ -5,16 +5,19 @@ The datamodule (which imports Lightning) loads on first use, so the tokenizer ch
 
 from typing import Any
 
+from kvcompress.data.batch import Batch, split_batch
 from kvcompress.data.sources import SOURCES
 from kvcompress.data.tokenizer import DataUnavailableError, TextTokenizer, load_tokenizer
 
 __all__ = [
+    "Batch",
     "SOURCES",
     "DataUnavailableError",
     "TextTokenizer",
     "TokenWindowDataModule",
     "TokenWindowDataset",
     "load_tokenizer",
+    "split_batch",
 ]
 
 

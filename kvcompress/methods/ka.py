@@ -136,13 +136,14 @@ def ka_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class KAAttention(Attention):
     """Standard attention's parameters; the output mixes past outputs A instead of past values V."""
 
+    cache_layout: ClassVar[str] = "ka"
     native_cache: ClassVar[str] = "ka"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
         return ka_attention(q, k, v)
 
 
-@register_cache("ka", serves=("ka", "standard", "ka_adapter"))
+@register_cache("ka", layouts=("ka", "kv"))
 class KACache(LayerCache):
     """The KA cache: keys and past attention outputs in place of values, (B, nh, max_len, hs) each.
 
@@ -219,7 +220,7 @@ class KACache(LayerCache):
         return a_new.to(q.dtype)
 
 
-@register_cache("ka_plain", serves=("standard", "ka_adapter"))
+@register_cache("ka_plain", layouts=("kv",))
 class KAPlainCache(KACache):
     """The KA cache with V' = A even where the layer has an adapter (report 000's "no adapter" row)."""
 

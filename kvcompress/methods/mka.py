@@ -123,7 +123,7 @@ class MKACache(LayerCache):
         return self.kv.attend(q, k, v, step)
 
 
-@register_cache("mka", serves=("mka",))
+@register_cache("mka", layouts=("mka",))
 def build_mka_cache(attn: Any, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
     """MKACache in the KA layers; the standard KVCache in plain layers."""
     cls = KVCache if attn.mka is None else MKACache
@@ -134,6 +134,7 @@ def build_mka_cache(attn: Any, batch_size: int, max_len: int, device=None, dtype
 class MKAAttention(Attention):
     """Standard attention; in the layers listed in `layers`, `A' = A + ka(A)` before `dense`."""
 
+    cache_layout: ClassVar[str] = "mka"
     native_cache: ClassVar[str] = "mka"
 
     def __init__(
@@ -154,7 +155,7 @@ class MKAAttention(Attention):
         a = self.merge_heads(self.heads(x, rope, cache, aux, step))  # (B, T, C)
         if self.mka is not None:
             if cache is not None and not isinstance(cache, MKACache):
-                raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name)
+                raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name, self.cache_layout)
             a = a + self.mka(a, None if cache is None else cache.ka, step)
         return self.dense(a)
 

@@ -25,8 +25,6 @@ from kvcompress.models.caches import LayerCache, Step, register_cache
 
 __all__ = ["Int4KVCache", "Int8KVCache"]
 
-QUANT_SERVES = ("standard", "ka_adapter")
-
 
 def _softmax(scores: Tensor) -> Tensor:
     if scores.dtype in (torch.float32, torch.float64):
@@ -34,7 +32,7 @@ def _softmax(scores: Tensor) -> Tensor:
     return scores.float().softmax(dim=-1).to(scores.dtype)
 
 
-@register_cache("int8", serves=QUANT_SERVES)
+@register_cache("int8", layouts=("kv",))
 class Int8KVCache(LayerCache):
     """K and V quantized to int8 per (token, head), with absmax scales kept in the model's dtype.
 
@@ -103,7 +101,7 @@ def _quantize4(x: Tensor, dim: int, valid: Tensor | None = None) -> tuple[Tensor
     return codes, scale, lo
 
 
-@register_cache("int4", serves=QUANT_SERVES)
+@register_cache("int4", layouts=("kv",))
 class Int4KVCache(LayerCache):
     """KIVI-style 4-bit cache: K per channel (groups of `group_size` tokens), V per token (groups of
     `group_size` channels), the last `window` tokens in full precision (a ring buffer).

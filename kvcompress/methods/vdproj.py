@@ -43,7 +43,9 @@ def as_width(value: int | float, full: int) -> int:
 class VDProjAttention(Attention):
     """Standard attention whose values (and optionally non-rotary keys) pass through a low-rank bottleneck."""
 
+    cache_layout: ClassVar[str] = "vdproj"
     native_cache: ClassVar[str] = "vdproj"
+    example_kwargs: ClassVar[dict[str, Any]] = {"rank": 0.625}  # 320 of 512 at Pythia-70M
 
     def __init__(
         self,
@@ -155,7 +157,7 @@ class VDProjAttention(Attention):
         nothing.
         """
         if not isinstance(cache, VDProjCache):
-            raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name)
+            raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name, self.cache_layout)
         cache.write("v_c", self.compress_v(v), step)  # the cache gets V_c, never V
         if self.compress_k:
             cache.write("k_rot", k[..., : self.rotary_ndims], step)
@@ -206,7 +208,7 @@ class VDProjAttention(Attention):
         return a.view(nh, B, T, hs).transpose(0, 1)  # (B, nh, T, hs)
 
 
-@register_cache("vdproj", serves=("vdproj",))
+@register_cache("vdproj", layouts=("vdproj",))
 class VDProjCache(LayerCache):
     """Keys (B, nh, max_len, hs) and compressed values V_c (B, max_len, rank).
 

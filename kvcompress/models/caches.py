@@ -5,7 +5,9 @@ compiled, and captured in a CUDA graph). New tokens are written with `index_copy
 of the current `Step`; reads cover the whole buffer under the step's boolean mask (or, in eager
 prefill, the first `step.n_read` slots). Every cache reports its exact size from its tensors (`nbytes`).
 
-Cache kinds register by name with the attentions they serve: `@register_cache("int8", serves=(...))`.
+Cache kinds register by name for the cache layouts they can hold: `@register_cache("int8", layouts=("kv",))`.
+A layout is what an attention writes per token (`Attention.cache_layout`: `kv` for standard attention, `ka`,
+`vdproj`, ...), so a new cache kind for K/V serves every attention that writes K/V without naming any of them.
 `models/` defines the standard `kv` cache only; methods register theirs when imported.
 """
 
@@ -28,6 +30,7 @@ __all__ = [
     "LayerCache",
     "Step",
     "cannot_serve",
+    "caches_for",
     "eager_step",
     "register_cache",
     "span_step",
@@ -186,34 +189,47 @@ class Caches(list):
 class CacheKind:
     name: str
     build: Callable[..., LayerCache]
-    serves: tuple[str, ...]
+    layouts: tuple[str, ...]  # the cache layouts (what an attention writes per token) this kind can hold
+
+    def serves(self, layout: str) -> bool:
+        return layout in self.layouts
 
 
 CACHES: dict[str, CacheKind] = {}
 
 
-def register_cache(name: str, serves: Sequence[str]):
-    """Register a cache class (its `build` classmethod) or a builder `(attn, batch, max_len, device, dtype)`."""
+def register_cache(name: str, layouts: Sequence[str] = ("kv",)) -> Callable[[Any], Any]:
+    """Register a cache class (its `build` classmethod) or a builder `(attn, batch, max_len, device, dtype, **kw)`
+    for the cache `layouts` it can hold."""
 
-    def wrap(obj):
-        build = obj.build if isinstance(obj, type) else obj
-        if isinstance(obj, type):
+    def wrap(obj: Any) -> Any:
+        if isinstance(obj, type) and issubclass(obj, LayerCache):
             obj.name = name
-        CACHES[name] = CacheKind(name, build, tuple(serves))
+            CACHES[name] = CacheKind(name, obj.build, tuple(layouts))
+        else:
+            CACHES[name] = CacheKind(name, obj, tuple(layouts))
         return obj
 
     return wrap
 
 
-def cannot_serve(kind: str, attention: str) -> ValueError:
-    """The one error for a cache kind that does not fit an attention."""
-    fits = sorted(k for k, c in CACHES.items() if attention in c.serves)
+def caches_for(layout: str) -> list[str]:
+    """The registered cache kinds that can hold `layout`, in registration order."""
+    return [k for k, c in CACHES.items() if c.serves(layout)]
+
+
+def cannot_serve(kind: str, attention: str, layout: str) -> ValueError:
+    """The one error for a cache kind that does not fit an attention (which writes `layout`)."""
+    fits = sorted(caches_for(layout))
     if kind not in CACHES:
         return ValueError(f"unknown cache {kind!r}; registered: {sorted(CACHES)} (attention {attention!r}: {fits})")
-    return ValueError(f"cache {kind!r} cannot serve attention {attention!r}; caches that serve it: {fits}")
+    return ValueError(
+        f"cache {kind!r} cannot serve attention {attention!r} (it writes the {layout!r} layout); "
+        f"caches that serve it: {fits}"
+    )
 
 
-@register_cache("kv", serves=("standard", "ka_adapter"))
+@register_cache("kv", layouts=("kv",))
 class KVCache(LayerCache):
     """The standard cache: keys and values, (B, nh, max_len, hs) each."""
 

@@ -85,7 +85,9 @@ class Attention(nn.Module):
     """
 
     name: ClassVar[str]
+    cache_layout: ClassVar[str] = "kv"  # what it writes per token; any cache kind registered for it can serve
     native_cache: ClassVar[str] = "kv"  # the cache kind `kind="native"` picks
+    example_kwargs: ClassVar[dict[str, Any]] = {}  # a representative setting (the benchmark builds it)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -261,8 +263,8 @@ class GPTNeoX(nn.Module):
             attn = cast(Attention, layer.attention)
             layer_kind = attn.native_cache if kind == "native" else kind
             spec = CACHES.get(layer_kind)
-            if spec is None or attn.name not in spec.serves:
-                raise cannot_serve(layer_kind, attn.name)
+            if spec is None or not spec.serves(attn.cache_layout):
+                raise cannot_serve(layer_kind, attn.name, attn.cache_layout)
             caches.append(spec.build(attn, batch_size, max_len, device=device, dtype=dtype, **kwargs))
         state = DecodeState(
             slot=torch.zeros(1, dtype=torch.long, device=device),

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from kvcompress.evaluation import metrics
+
 DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
 
 
@@ -79,8 +81,6 @@ class AutoregressivePPL(L.Callback):
         self.max_batches = max_batches
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from kvcompress.eval import metrics
-
         if trainer.sanity_checking:
             return
         losses = []

@@ -1,16 +1,16 @@
 """LEGO's Lightning side: `LegoModule` (per-exit losses and metrics) and the hooks of `phase=lego`.
 
-Hooks (stage hooks: `hook(runner=, stage=, net=, datamodule=)`, returning metrics for the stage's record):
-- `mine_hard_examples` (after the shallow stage): the shallow exit's confidence on every train and validation
+Stage hooks (`hook(runner=, stage=, net=, datamodule=)`, returning metrics for the stage's record); a hook with
+settings is a class that checks them when it is built, before any training:
+- `MineHardExamples(ratio)` (after the shallow stage): the shallow exit's confidence on every train and validation
   token; the lowest `ratio` are hard. Saved in the stage folder (`hard_examples.safetensors`), so a reused stage
   reuses its mining. Records `hard_ppl_before` (shallow exit on the hard validation tokens).
 - `extend_from_shallow` (before the deep stage): the deep exit starts as a copy of the phase-1 exit.
-- `train_on_hard_examples` (before the deep stage): token loss weights (1 on hard tokens, 0 elsewhere), or with
-  `selection="sample"` the `ratio` windows of lowest mean confidence (`set_train_indices`).
-- `calibrate` (after the deep stage): sets the model's threshold so `ratio` of validation tokens go deep, and
-  records per-exit and routed PPL / accuracy, hard-token PPL after, shallow ratio and compute cost.
-`decode_benchmark` is an end-of-run evaluation (`eval=lego` adds it as `eval.extra.lego_decode`): tokens/s of
-full-depth, early-exit and self-speculative decoding, timed in the same process.
+- `TrainOnHardExamples(selection)` (before the deep stage): token loss weights (1 on hard tokens, 0 elsewhere), or
+  with `selection="sample"` the `ratio` windows of lowest mean confidence (`set_train_indices`).
+- `Calibrate(ratio)` (after the deep stage): sets the model's threshold so `ratio` of validation tokens go deep,
+  and records per-exit and routed PPL / accuracy, hard-token PPL after, shallow ratio and compute cost.
+LEGO's decode speed is an end-of-run evaluation: `kvcompress.evaluation.lego.LegoDecodeBenchmark`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from kvcompress.data.batch import Batch, split_batch
 from kvcompress.methods import lego
 from kvcompress.methods.lego import LegoGPTNeoX
-from kvcompress.training.module import Batch, LMModule, split_batch, token_cross_entropy, weighted_mean
+from kvcompress.training.module import LMModule, token_cross_entropy, weighted_mean
 from kvcompress.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def find_mining(runner: Any) -> tuple[dict[str, Tensor], dict[str, str]]:
             return load_mining(path)
     raise RuntimeError(
         "no hard-example mining found: phase=lego's deep stage needs an earlier stage with "
-        "kvcompress.training.lego.mine_hard_examples in its `after` hooks"
+        "kvcompress.training.lego.MineHardExamples in its `after` hooks"
     )
 
 
@@ -152,42 +153,47 @@ def load_mining(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return load_file(str(path)), meta
 
 
-def mine_hard_examples(*, runner: Any, stage: Any, net: Any, datamodule: Any, ratio: float = 0.5) -> dict[str, Any]:
-    """Score every train and validation token by the shallow exit's confidence; the lowest `ratio` are hard."""
-    net = _check_lego(net)
-    ratio = lego.check_ratio(ratio)
-    path = Path(runner.folder) / MINING_FILE
-    train_n = len(datamodule.train_dataset)
-    mining = None
-    if path.is_file():  # a reused (or resumed) stage: the same weights, so the same mining
-        mining, meta = load_mining(path)
-        if meta.get("ratio") != repr(ratio) or mining["train_confidence"].shape[0] != train_n:
-            log.warning("stage %s: %s was made for other settings; mining again", stage.name, path)
-            mining = None
-    reused = mining is not None
-    if mining is None:
-        if any(getattr(datamodule, name, None) is not None for name in ("_train_weights", "_train_positions")):
-            raise RuntimeError("mining scores the full train set; it already has a selection or weights")
-        train = exit_stats(net, datamodule.train_dataloader(shuffle=False), upto=net.shallow_exit)["shallow"]
-        val = exit_stats(net, datamodule.val_dataloader(shard=False), upto=net.shallow_exit)["shallow"]
-        mining = {
-            "train_confidence": train["confidence"],
-            "train_hard": lego.hard_mask(train["confidence"], ratio).to(torch.uint8),
-            "val_confidence": val["confidence"],
-            "val_hard": lego.hard_mask(val["confidence"], ratio).to(torch.uint8),
-            "val_loss_before": val["loss"],
+class MineHardExamples:
+    """After the shallow stage: score every train and validation token by the shallow exit's confidence; the
+    lowest `ratio` are hard."""
+
+    def __init__(self, ratio: float = 0.5) -> None:
+        self.ratio = lego.check_ratio(ratio, "phase.hard_example_ratio")
+
+    def __call__(self, *, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
+        net, ratio = _check_lego(net), self.ratio
+        path = Path(runner.folder) / MINING_FILE
+        train_n = len(datamodule.train_dataset)
+        mining = None
+        if path.is_file():  # a reused (or resumed) stage: the same weights, so the same mining
+            mining, meta = load_mining(path)
+            if meta.get("ratio") != repr(ratio) or mining["train_confidence"].shape[0] != train_n:
+                log.warning("stage %s: %s was made for other settings; mining again", stage.name, path)
+                mining = None
+        reused = mining is not None
+        if mining is None:
+            if any(getattr(datamodule, name, None) is not None for name in ("_train_weights", "_train_positions")):
+                raise RuntimeError("mining scores the full train set; it already has a selection or weights")
+            train = exit_stats(net, datamodule.train_dataloader(shuffle=False), upto=net.shallow_exit)["shallow"]
+            val = exit_stats(net, datamodule.val_dataloader(shard=False), upto=net.shallow_exit)["shallow"]
+            mining = {
+                "train_confidence": train["confidence"],
+                "train_hard": lego.hard_mask(train["confidence"], ratio).to(torch.uint8),
+                "val_confidence": val["confidence"],
+                "val_hard": lego.hard_mask(val["confidence"], ratio).to(torch.uint8),
+                "val_loss_before": val["loss"],
+            }
+            if runner.is_writer:  # under DDP every rank mines the same (unsharded) data; rank 0 keeps the file
+                blob = save(mining, metadata={"ratio": repr(ratio), "stage": stage.name})
+                atomic_write(path, lambda f: f.write(blob), mode="wb")
+        hard_val = mining["val_hard"].bool()
+        return {
+            "mining_reused": int(reused),
+            "hard_share_train": float(mining["train_hard"].float().mean()),
+            "hard_confidence_max": float(mining["train_confidence"][mining["train_hard"].bool()].max()),
+            "hard_ppl_before": _ppl(mining["val_loss_before"], hard_val),
+            "easy_ppl_before": _ppl(mining["val_loss_before"], ~hard_val),
         }
-        if runner.is_writer:  # under DDP every rank mines the same (unsharded) data; rank 0 keeps the file
-            blob = save(mining, metadata={"ratio": repr(ratio), "stage": stage.name})
-            atomic_write(path, lambda f: f.write(blob), mode="wb")
-    hard_val = mining["val_hard"].bool()
-    return {
-        "mining_reused": int(reused),
-        "hard_share_train": float(mining["train_hard"].float().mean()),
-        "hard_confidence_max": float(mining["train_confidence"][mining["train_hard"].bool()].max()),
-        "hard_ppl_before": _ppl(mining["val_loss_before"], hard_val),
-        "easy_ppl_before": _ppl(mining["val_loss_before"], ~hard_val),
-    }
 
 
 @torch.no_grad()
@@ -200,106 +206,55 @@ def extend_from_shallow(*, runner: Any, stage: Any, net: Any, datamodule: Any) -
     return {"deep_exit_from_shallow": 1}
 
 
-def train_on_hard_examples(
-    *, runner: Any, stage: Any, net: Any, datamodule: Any, selection: str = "token"
-) -> dict[str, Any]:
-    """Point the stage's data at the mined hard examples: token weights, or the hardest windows."""
-    check_settings(selection=selection)
-    mining, meta = find_mining(runner)
-    if selection == "token":
-        datamodule.set_train_weights(mining["train_hard"].float())
-        return {"selection": selection}
-    windows = lego.hard_windows(mining["train_confidence"], float(meta["ratio"]))
-    datamodule.set_train_indices(windows)
-    return {"selection": selection, "hard_windows": len(windows)}
+class TrainOnHardExamples:
+    """Before the deep stage: point the stage's data at the mined hard examples, as token weights
+    (`selection="token"`) or as the hardest windows (`"sample"`)."""
+
+    def __init__(self, selection: str = "token") -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"phase.selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        self.selection = selection
+
+    def __call__(self, *, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
+        mining, meta = find_mining(runner)
+        if self.selection == "token":
+            datamodule.set_train_weights(mining["train_hard"].float())
+            return {"selection": self.selection}
+        windows = lego.hard_windows(mining["train_confidence"], float(meta["ratio"]))
+        datamodule.set_train_indices(windows)
+        return {"selection": self.selection, "hard_windows": len(windows)}
 
 
-def calibrate(*, runner: Any, stage: Any, net: Any, datamodule: Any, ratio: float = 0.5) -> dict[str, Any]:
-    """Set the threshold that routes `ratio` of validation tokens deep; record the two-stage metrics."""
-    net = _check_lego(net)
-    ratio = lego.check_ratio(ratio)
-    stats = exit_stats(net, datamodule.val_dataloader(shard=False))  # all of it on every rank: one threshold
-    shallow, deep = stats["shallow"], stats["deep"]
-    threshold = lego.calibrate_threshold(shallow["confidence"], ratio)
-    net.threshold.fill_(threshold)
-    take = shallow["confidence"] >= threshold
-    routed_loss = torch.where(take, shallow["loss"], deep["loss"])
-    routed_correct = torch.where(take, shallow["correct"], deep["correct"])
-    share = float(take.float().mean())
-    out: dict[str, Any] = {
-        "threshold": threshold,
-        "shallow_ratio": share,
-        "compute_cost": lego.compute_cost(share, net.shallow_exit, net.deep_exit),
-        "val_ppl_routed": _ppl(routed_loss),
-        "val_acc_routed": float(routed_correct.float().mean()),
-    }
-    for name in EXITS:
-        out[f"val_ppl_{name}"] = _ppl(stats[name]["loss"])
-        out[f"val_acc_{name}"] = float(stats[name]["correct"].float().mean())
-    mining, _ = find_mining(runner)
-    hard = mining["val_hard"].bool()
-    out["hard_ppl_before"] = _ppl(mining["val_loss_before"], hard)
-    out["hard_ppl_after"] = _ppl(deep["loss"], hard)
-    out["hard_ppl_after_routed"] = _ppl(routed_loss, hard)
-    return out
+class Calibrate:
+    """After the deep stage: set the threshold that routes `ratio` of validation tokens deep; record the two-stage
+    metrics."""
 
+    def __init__(self, ratio: float = 0.5) -> None:
+        self.ratio = lego.check_ratio(ratio, "phase.hard_example_ratio")
 
-@torch.no_grad()
-def decode_benchmark(
-    *,
-    net: Any,
-    datamodule: Any,
-    prompts: int = 16,
-    prompt_len: int = 8,
-    new_tokens: int = 24,
-    batch_size: int = 1,
-    draft_tokens: int = 4,
-    repeats: int = 2,
-    fills: list[str] | tuple[str, ...] = lego.FILL_POLICIES,
-    cache: str = "native",
-) -> dict[str, Any]:
-    """An `eval.extra` entry: decode tokens/s of full depth, true early exit (each fill policy, the calibrated
-    threshold) and greedy self-speculation, back to back on the first validation windows' starts."""
-    net = _check_lego(net)
-    net.eval()
-    val = datamodule.val_dataset
-    device = net.embed_out.weight.device
-    starts = torch.stack([split_batch(val[i])[0][:prompt_len] for i in range(min(prompts, len(val)))]).to(device)
-    out = lego.decode_speed(
-        net,
-        list(starts.split(batch_size)),
-        new_tokens,
-        fills=fills,
-        draft_tokens=draft_tokens,
-        repeats=repeats,
-        cache=cache,
-    )
-    return {
-        "threshold": float(net.threshold),
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "cache": cache,
-        **out,
-    }
-
-
-def check_settings(
-    ratio: float = 0.5,
-    selection: str = "token",
-    net: Any = None,
-    cache: str = "native",
-    fills: Any = lego.FILL_POLICIES,
-    **_: Any,
-) -> None:
-    """The hooks' and the decode benchmark's settings, checked when they are built (before any training)."""
-    lego.check_ratio(ratio, "phase.hard_example_ratio")
-    if selection not in SELECTIONS:
-        raise ValueError(f"phase.selection must be one of {list(SELECTIONS)}, got {selection!r}")
-    if net is not None:
-        caches = _check_lego(net).build_caches(1, 2, kind=cache)
-        for fill in fills:
-            lego.check_fillable(net, caches, fill)
-
-
-for _hook in (mine_hard_examples, train_on_hard_examples, calibrate, decode_benchmark):
-    _hook.check_settings = check_settings  # type: ignore[attr-defined]
+    def __call__(self, *, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
+        net, ratio = _check_lego(net), self.ratio
+        stats = exit_stats(net, datamodule.val_dataloader(shard=False))  # all of it on every rank: one threshold
+        shallow, deep = stats["shallow"], stats["deep"]
+        threshold = lego.calibrate_threshold(shallow["confidence"], ratio)
+        net.threshold.fill_(threshold)
+        take = shallow["confidence"] >= threshold
+        routed_loss = torch.where(take, shallow["loss"], deep["loss"])
+        routed_correct = torch.where(take, shallow["correct"], deep["correct"])
+        share = float(take.float().mean())
+        out: dict[str, Any] = {
+            "threshold": threshold,
+            "shallow_ratio": share,
+            "compute_cost": lego.compute_cost(share, net.shallow_exit, net.deep_exit),
+            "val_ppl_routed": _ppl(routed_loss),
+            "val_acc_routed": float(routed_correct.float().mean()),
+        }
+        for name in EXITS:
+            out[f"val_ppl_{name}"] = _ppl(stats[name]["loss"])
+            out[f"val_acc_{name}"] = float(stats[name]["correct"].float().mean())
+        mining, _ = find_mining(runner)
+        hard = mining["val_hard"].bool()
+        out["hard_ppl_before"] = _ppl(mining["val_loss_before"], hard)
+        out["hard_ppl_after"] = _ppl(deep["loss"], hard)
+        out["hard_ppl_after_routed"] = _ppl(routed_loss, hard)
+        return out

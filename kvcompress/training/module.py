@@ -15,16 +15,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kvcompress.data.batch import Batch, split_batch
 from kvcompress.models import GPTNeoX
-
-# A batch: (B, T + 1) token ids, or a dict with "ids" and optional per-token loss weights "weight" (B, T).
-Batch = Tensor | Mapping[str, Tensor]
-
-
-def split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Mapping):
-        return batch["ids"], batch.get("weight")
-    return batch, None
 
 
 def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

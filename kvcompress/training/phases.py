@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -42,8 +42,16 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, DONE = "weights.safetensors", "done.json"
 
-# A hook runs between stages: hook(runner=..., stage=..., net=..., datamodule=...).
-StageHook = Callable[..., None]
+
+class StageHook(Protocol):
+    """Runs between stages (a stage's `before` / `after`); returns metrics that join the stage's record.
+
+    A hook with settings is a class whose constructor checks them (so bad settings fail before any training),
+    and which may check the model too with a `check(net)` method."""
+
+    def __call__(
+        self, *, runner: PhaseRunner, stage: Stage, net: GPTNeoX, datamodule: L.LightningDataModule
+    ) -> Mapping[str, Any]: ...
 
 
 @dataclass
@@ -58,8 +66,8 @@ class Stage:
     monitor: str = "val_loss"
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the run's data config
     init: str = "previous"  # "previous" (the weights in hand) or a checkpoint path
-    before: list[Any] = field(default_factory=list)  # hooks run before the fit (not when reused)
-    after: list[Any] = field(default_factory=list)  # hooks run after the fit or the reuse (e.g. mining)
+    before: list[StageHook] = field(default_factory=list)  # run before the fit (not when reused)
+    after: list[StageHook] = field(default_factory=list)  # run after the fit or the reuse (e.g. mining)
     callbacks: list[Any] = field(default_factory=list)  # this stage's own callbacks (factories)
     validate_before: bool = False  # also record the metrics of the starting weights (`start_val_*`)
 
@@ -89,10 +97,14 @@ def require_int(value: Any, setting: str, minimum: int) -> None:
 
 
 def describe(fn: Any) -> str:
-    """A process-independent name for a hook or callback factory (a repr would hold a memory address)."""
+    """A process-independent name for a hook or callback factory (a repr would hold a memory address): a function's
+    name, a partial's function and arguments, a hook object's class and settings."""
     if isinstance(fn, functools.partial):
         return f"{describe(fn.func)}(*{fn.args!r}, **{dict(sorted(fn.keywords.items()))!r})"
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    if hasattr(fn, "__qualname__"):  # a function or a class
+        return f"{getattr(fn, '__module__', '?')}.{fn.__qualname__}"
+    settings = dict(sorted(vars(fn).items())) if hasattr(fn, "__dict__") else {}
+    return f"{describe(type(fn))}(**{settings!r})"
 
 
 def set_trainable(net: torch.nn.Module, stage: Stage) -> tuple[int, int]:
@@ -354,13 +366,15 @@ class PhaseRunner:
     def _validation_callbacks(self, stage: Stage) -> list[L.Callback]:
         return validation_callbacks(self.extra_callbacks(), stage)
 
-    def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> dict:
-        """Runs the hooks; a hook may return metrics (a dict), which join the stage's record."""
+    def _run_hooks(self, hooks: Sequence[StageHook], stage: Stage, datamodule: L.LightningDataModule) -> dict[str, Any]:
+        """Runs the hooks; the metrics each returns join the stage's record."""
         metrics: dict[str, Any] = {}
         for hook in hooks:
             out = hook(runner=self, stage=stage, net=self.net, datamodule=datamodule)
-            if isinstance(out, Mapping):
-                metrics.update(out)
+            if not isinstance(out, Mapping):
+                what = type(out).__name__
+                raise TypeError(f"stage {stage.name!r}: hook {describe(hook)} returned {what}, not a dict of metrics")
+            metrics.update(out)
         return metrics
 
     def _log(self, metrics: Mapping[str, float]) -> None:

@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from kvcompress.train import (
-    CONF_DIR,
-    PreparedRun,
-    build_callbacks,
-    build_extra_evaluations,
-    end_of_run,
-    module_factory,
-    run_guarded,
-    start_records,
-)
+from kvcompress.run import CONF_DIR, INPUT_ERRORS, evaluate_weights, one_line, run_guarded
 
 _NOT_FROM_THE_RUN = ("hydra.", "paths.output_dir", "task_name=", "ckpt_path=")
 
@@ -70,39 +60,14 @@ def compose_for(cfg: DictConfig) -> DictConfig:
     return compose("eval", overrides=[*theirs[:-1], *ours, theirs[-1]])
 
 
-def evaluate(run: PreparedRun) -> dict[str, Any]:
-    """One validation of the last stage's module, then the end-of-run evaluation, into metrics.json."""
-    from hydra.utils import instantiate
-
-    from kvcompress.training.phases import validate, validation_callbacks
-
-    cfg, net = run.cfg, run.net
-    record, loggers = start_records(run)
-    stage = run.stages[-1]
-    callbacks = validation_callbacks(build_callbacks(cfg, with_logger=bool(loggers)), stage)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=1)
-    module = module_factory(cfg)(net, stage)
-    status = "failed"
-    try:
-        metrics: dict[str, Any] = {
-            "ckpt_path": str(cfg.ckpt_path),
-            **validate(trainer, module, run.datamodule, stage),
-            "params": {"total": net.num_parameters()},
-        }
-        end_of_run(run, metrics, record, loggers, build_extra_evaluations(cfg, net), step=0)
-        status = "success"
-        return metrics
-    finally:
-        for logger in loggers:
-            logger.finalize(status)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    from kvcompress.train import INPUT_ERRORS, one_line
-
     try:
         cfg = compose_for(cfg)
     except INPUT_ERRORS as err:  # a bad ckpt_path: one line, before any work
         raise SystemExit(f"error: {one_line(err)}") from None
-    return run_guarded(cfg, evaluate)
+    return run_guarded(cfg, evaluate_weights)
+
+
+if __name__ == "__main__":
+    main()

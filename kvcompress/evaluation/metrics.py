@@ -4,8 +4,8 @@
 - `autoregressive_token_losses`: the same tokens fed one at a time against a cache; for a lossy cache
   (KA) this is where the train/eval gap shows.
 - `perplexity`, `position_ppl`: PPL and position-bucketed PPL of a (B, T-1) loss tensor.
-- `time_decode`, `decode_speed` (TTFT and TPOT), `cache_bytes_per_token`, `kv_bytes_per_token`: speed and
-  size of a cache.
+- `timed` (the one timer: wall seconds with the device drained), `time_decode`, `decode_speed` (TTFT and
+  TPOT), `cache_bytes_per_token`, `kv_bytes_per_token`: speed and size of a cache.
 - `reversal_probe`: PPL of synthetic "A is the R of B." facts vs their reversals.
 """
 
@@ -15,15 +15,18 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kvcompress.models.caches import Caches, KVCache
 from kvcompress.models.generate import StepFn, compiled_decode_step, decode_step, prefill
+from kvcompress.models.gpt_neox import GPTNeoX
+
+R = TypeVar("R")
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -36,13 +39,14 @@ __all__ = [
     "reversal_facts",
     "reversal_probe",
     "time_decode",
+    "timed",
     "token_losses",
 ]
 
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: GPTNeoX) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -54,7 +58,7 @@ def _per_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
+def token_losses(model: GPTNeoX, input_ids: Tensor) -> Tensor:
     """Per-token CE (B, T-1) of a teacher-forced forward: inputs ids[:, :-1], targets ids[:, 1:]."""
     input_ids = input_ids.to(_device(model))
     return _per_token_ce(model(input_ids[:, :-1]), input_ids[:, 1:])
@@ -62,7 +66,7 @@ def token_losses(model: nn.Module, input_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def autoregressive_token_losses(
-    model: nn.Module, input_ids: Tensor, cache: str = "native", **cache_kwargs: Any
+    model: GPTNeoX, input_ids: Tensor, cache: str = "native", **cache_kwargs: Any
 ) -> Tensor:
     """Per-token CE (B, T-1), decoding token by token with `cache`.
 
@@ -91,14 +95,23 @@ def position_ppl(losses: Tensor, buckets: Sequence[tuple[int, int]] = DEFAULT_BU
     return {f"{lo}-{hi}": perplexity(losses[..., lo : min(hi, n)]) for lo, hi in buckets if lo < n}
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], R], device: torch.device) -> tuple[float, R]:
+    """Wall seconds of `fn()` (the device drained before and after) and its result: the project's one timer."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
 @torch.no_grad()
 def time_decode(
-    model: nn.Module, prompt: Tensor, new_tokens: int, caches: Caches, step_fn: StepFn | None = None
+    model: GPTNeoX, prompt: Tensor, new_tokens: int, caches: Caches, step_fn: StepFn | None = None
 ) -> dict[str, float]:
     """One greedy generation, timed in its two parts (the device drained around each timed region).
 
@@ -108,25 +121,18 @@ def time_decode(
     if new_tokens < 2:
         raise ValueError("time_decode needs new_tokens >= 2 (one prefill token, then decode steps)")
     device = prompt.device
-    _sync(device)
-    start = time.perf_counter()
-    logits = prefill(model, prompt, caches)
-    _sync(device)
-    ttft = time.perf_counter() - start
+    ttft, logits = timed(lambda: prefill(model, prompt, caches), device)
     steps = []
     for _ in range(new_tokens - 1):
         nxt = logits.argmax(dim=-1, keepdim=True)
-        _sync(device)
-        start = time.perf_counter()
-        logits = decode_step(model, nxt, caches, step_fn)
-        _sync(device)
-        steps.append(time.perf_counter() - start)
+        seconds, logits = timed(lambda: decode_step(model, nxt, caches, step_fn), device)  # noqa: B023
+        steps.append(seconds)
     return {"ttft_s": ttft, "tpot_s": statistics.median(steps)}
 
 
 @torch.no_grad()
 def decode_speed(
-    model: nn.Module,
+    model: GPTNeoX,
     batch_size: int,
     prompt_len: int,
     new_tokens: int,
@@ -157,7 +163,7 @@ def decode_speed(
     return {"ttft_s": ttft, "tpot_s": tpot, "decode_tokens_per_s": batch_size / tpot}
 
 
-def cache_bytes_per_token(model: nn.Module, cache: str = "native", max_len: int = 128, **cache_kwargs: Any) -> float:
+def cache_bytes_per_token(model: GPTNeoX, cache: str = "native", max_len: int = 128, **cache_kwargs: Any) -> float:
     """Cache bytes per token per sequence, all layers, measured from the cache tensors (batch 1)."""
     max_len = min(max_len, model.cfg.max_position_embeddings)
     caches = model.build_caches(1, max_len, kind=cache, **cache_kwargs)
@@ -191,7 +197,7 @@ RELATIONS = (
 )
 
 
-def kv_bytes_per_token(net: nn.Module) -> float:
+def kv_bytes_per_token(net: GPTNeoX) -> float:
     """The standard [K, V] cache's bytes per token for this shape, measured from KVCache tensors."""
     param = net.embed_out.weight
     cfg = net.cfg
@@ -219,14 +225,19 @@ def reversal_facts(n_facts: int = 100, seed: int = 0) -> list[tuple[str, str]]:
     return facts
 
 
-def _statement_ppl(model: nn.Module, tokenizer: Tokenizer, statements: Sequence[str], cache: str | None) -> float:
+def _statement_ppl(
+    model: GPTNeoX, tokenizer: Tokenizer, statements: Sequence[str], cache: str | None, cache_kwargs: dict[str, Any]
+) -> float:
     """PPL over all predicted tokens of the statements (each scored alone, its first token unpredicted)."""
     total, count = 0.0, 0
     for text in statements:
         ids = torch.tensor([tokenizer.encode(text)], dtype=torch.long)
         if ids.shape[1] < 2:
             continue
-        losses = token_losses(model, ids) if cache is None else autoregressive_token_losses(model, ids, cache)
+        if cache is None:
+            losses = token_losses(model, ids)
+        else:
+            losses = autoregressive_token_losses(model, ids, cache, **cache_kwargs)
         total += losses.sum().item()
         count += losses.numel()
     if count == 0:
@@ -235,7 +246,12 @@ def _statement_ppl(model: nn.Module, tokenizer: Tokenizer, statements: Sequence[
 
 
 def reversal_probe(
-    model: nn.Module, tokenizer: Tokenizer, n_facts: int = 100, seed: int = 0, cache: str | None = None
+    model: GPTNeoX,
+    tokenizer: Tokenizer,
+    n_facts: int = 100,
+    seed: int = 0,
+    cache: str | None = None,
+    cache_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """PPL of "A is the R of B." (forward) vs "B is the R' of A." (backward) statements.
 
@@ -244,6 +260,7 @@ def reversal_probe(
     1.9313, -6858.5).
     """
     facts = reversal_facts(n_facts, seed)
-    forward = _statement_ppl(model, tokenizer, [f for f, _ in facts], cache)
-    backward = _statement_ppl(model, tokenizer, [b for _, b in facts], cache)
+    kwargs = dict(cache_kwargs or {})
+    forward = _statement_ppl(model, tokenizer, [f for f, _ in facts], cache, kwargs)
+    backward = _statement_ppl(model, tokenizer, [b for _, b in facts], cache, kwargs)
     return {"forward_ppl": forward, "backward_ppl": backward, "ratio": forward / backward, "gap": backward - forward}

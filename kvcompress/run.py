@@ -1,0 +1,455 @@
+"""The run harness: what `python -m kvcompress.train` and `python -m kvcompress.eval` share.
+
+- `prepare(cfg)`: every check that bad input fails (settings, tokenizer, data, model, caches, stage settings),
+  before anything is written; returns a `PreparedRun`.
+- `train_stages(run)`: every stage (the phase runner), then `end_of_run`; `train(cfg)` is `prepare` + this.
+- `evaluate_weights(run)`: one validation of the last stage's module, then `end_of_run` (the eval entry point).
+- `end_of_run`: the end-of-run evaluation (`kvcompress.evaluation`) joined with the run record, logged and written
+  to `metrics.json`.
+- `run_guarded(cfg, job)`: lightning-hydra-template's task wrapper: bad input is one line and exit code 1, every
+  failure goes to train.log, W&B is always closed, a failed multirun job is recorded and the sweep goes on.
+
+Heavy imports (Lightning) wait until a run starts, so `--help` and a missing data folder answer fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from kvcompress.config import EvalConfig
+from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
+from kvcompress.records import FAILURE_FILE, register_resolvers, run_record
+from kvcompress.utils import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    from kvcompress.models import GPTNeoX
+    from kvcompress.training import LMModule, Stage
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Trainer settings that do not change what a stage learns (left out of stage keys).
+COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
+# Errors of bad input, raised before anything trains: reported in one line, without a traceback.
+INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, InstantiationException)
+Job = Callable[["PreparedRun"], dict[str, Any]]
+
+register_resolvers()
+
+
+def build_hook(spec: Any, **context: Any) -> Any:
+    """A stage hook, callback factory or evaluation from its config, before any training: a class target is
+    constructed now (its constructor checks its settings) and, when it has a `check` method, checks `context`
+    too (e.g. the model); a function target is partially applied."""
+    from hydra.utils import instantiate
+
+    hook = instantiate(spec, _partial_=True)
+    if isinstance(hook.func, type) and not _is_lightning_callback(hook.func):
+        hook = hook()
+        if hasattr(hook, "check") and context:
+            hook.check(**context)
+    return hook
+
+
+def _is_lightning_callback(cls: type) -> bool:
+    """Callback classes stay factories: every fit gets a fresh one."""
+    import lightning as L
+
+    return issubclass(cls, L.Callback)
+
+
+def build_stages(phase_cfg: DictConfig) -> list[Stage]:
+    from kvcompress.training import Stage
+
+    stages = []
+    for name, spec in phase_cfg.stages.items():
+        spec = OmegaConf.to_container(spec, resolve=True)
+        for field in ("before", "after", "callbacks"):
+            spec[field] = [build_hook(h) for h in spec.get(field, [])]
+        stages.append(Stage(name=name, **spec))
+    return stages
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    from hydra.utils import instantiate
+
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[L.Callback]:
+    """The `callbacks` group; the LR monitor only when there is a logger, the progress bar only when enabled."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not with_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """Everything outside a stage's own config that changes what it learns."""
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "module": OmegaConf.to_container(cfg.module, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "trainer": {k: v for k, v in trainer.items() if k not in COSMETIC_TRAINER_KEYS},
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        "seed": cfg.seed,
+        "compile": cfg.compile,
+        "epochs_cap": cfg.phase.get("epochs_cap"),
+    }
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that are wrong whatever the model and data: fail before anything is built, naming them."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if "lr" in cfg.optimizer:
+        raise ValueError(
+            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
+            "Set phase.stages.<stage>.lr instead."
+        )
+    if cfg.phase.get("epochs_cap") is not None:
+        from kvcompress.training.phases import require_int  # (imports Lightning: only when needed)
+
+        require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
+
+
+def check_tokenizer(cfg: DictConfig) -> None:
+    """The tokenizer first: without the offline data or the Hub this fails in seconds, before Lightning loads."""
+    load_tokenizer(cfg.data.get("tokenizer") or DEFAULT_TOKENIZER, data_dir=cfg.data.get("data_dir"))
+
+
+def build_net(cfg: DictConfig) -> GPTNeoX:
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.model)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if cause is not None and "size mismatch" in str(cause) and cfg.model.init_from and cfg.model.overrides:
+            raise ValueError(
+                f"model.init_from={cfg.model.init_from} does not fit model.overrides={dict(cfg.model.overrides)} "
+                "(debug=smoke shrinks the shape): drop the overrides, or start from weights of that shape"
+            ) from err
+        raise
+
+
+def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.LightningDataModule) -> None:
+    """Bad input fails here, before any stage starts."""
+    seq_len = int(cfg.data.seq_len)
+    if seq_len > net.cfg.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len={seq_len} is larger than the model's position limit "
+            f"max_position_embeddings={net.cfg.max_position_embeddings}"
+        )
+    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
+    for cache in eval_cfg.all_caches().values():  # raises if a kind cannot serve the model or its settings are bad
+        net.build_caches(1, 2, kind=cache.name, **cache.kwargs)
+    if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
+        raise ValueError(
+            "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "
+            "Hub name, or a kvcompress .ckpt), or use phase=mka_base_then_frozen_base to train the base first"
+        )
+    datamodule.setup("fit")  # raises on empty or unreachable data
+    if getattr(datamodule, "vocab_size", 0) > net.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")
+
+
+@dataclass
+class PreparedRun:
+    cfg: DictConfig
+    net: GPTNeoX
+    datamodule: L.LightningDataModule
+    stages: list[Stage]
+    accelerator: str  # "cuda" or "cpu"
+
+
+def prepare(cfg: DictConfig) -> PreparedRun:
+    """Everything that fails on bad input: settings, tokenizer, data, model, cache and phase checks. Nothing is
+    written."""
+    check_settings(cfg)
+    check_tokenizer(cfg)  # before anything imports Lightning (seconds): a missing data folder answers at once
+    stages = build_stages(cfg.phase)  # each stage checks its own settings
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    if logging.getLogger().handlers:  # under Hydra, whose handlers print and file every record: say it once
+        logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")  # data before the model: a missing data set fails before a large model is built
+    net = build_net(cfg)
+    check_before_training(cfg, net, datamodule)
+    accelerator = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
+    return PreparedRun(cfg, net, datamodule, stages, accelerator)
+
+
+def train_stages(run: PreparedRun) -> dict[str, Any]:
+    """Train every stage, evaluate, log and write `metrics.json`."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from kvcompress.training import PhaseRunner
+
+    cfg, net, datamodule = run.cfg, run.net, run.datamodule
+    record, loggers = start_records(run)
+
+    def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
+        """The run's data (already set up) unless the stage overrides it."""
+        return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
+
+    extra_evaluations = build_extra_evaluations(cfg, net)  # before training: their settings fail early
+
+    def make_trainer(stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs)
+
+    runner = PhaseRunner(
+        net,
+        run.stages,
+        make_datamodule,
+        make_trainer,
+        module_factory(cfg),
+        stage_root=cfg.paths.stage_dir,
+        fingerprint=fingerprint(cfg),
+        reuse=cfg.phase.reuse,
+        extra_callbacks=lambda: build_callbacks(cfg, with_logger=bool(loggers)),
+        loggers=loggers,
+        epochs_cap=cfg.phase.get("epochs_cap"),
+        checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
+        checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
+    )
+    status = "failed"
+    try:
+        results = runner.run()
+        final = results[-1]
+        metrics: dict[str, Any] = {
+            "val_ppl": final.metrics.get("val_ppl"),
+            "val_loss": final.metrics.get("val_loss"),
+            "val_acc": final.metrics.get("val_acc"),
+            "val_pos_ppl": final.metrics.get("val_pos_ppl"),
+            "params": {"total": net.num_parameters()},
+            "stages": [  # in run order
+                {
+                    "name": r.name,
+                    "key": r.key,
+                    "reused": r.reused,
+                    "resumed": r.resumed,
+                    "trainable_params": r.trainable_params,
+                    "frozen_params": r.frozen_params,
+                    "weights": r.weights,
+                    **r.metrics,
+                }
+                for r in results
+            ],
+        }
+        if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
+            status = "success"
+            return metrics
+        end_of_run(run, metrics, record, loggers, extra_evaluations, step=runner.step)
+        status = "success"
+        return metrics
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
+        close_wandb()
+
+
+def start_records(run: PreparedRun) -> tuple[dict[str, Any], list[Logger]]:
+    """The run record (config, data origin, code version) and the loggers, which get it as hyperparameters."""
+    record = run_record(run.cfg, getattr(run.datamodule, "info", {}), run.accelerator)
+    loggers = build_loggers(run.cfg)
+    for logger in loggers:
+        logger.log_hyperparams(record)
+    return record, loggers
+
+
+def build_extra_evaluations(cfg: DictConfig, net: GPTNeoX) -> dict[str, Any]:
+    """Method evaluations after training, by name: fn(net=, datamodule=) -> metrics (e.g. eval=lego)."""
+    return {name: build_hook(spec, net=net) for name, spec in (cfg.eval.get("extra") or {}).items()}
+
+
+def module_factory(cfg: DictConfig) -> Any:
+    """`make_module(net, stage)`: the `module` group's LightningModule with the stage's lr and losses."""
+    from hydra.utils import instantiate
+
+    make_lightning_module = instantiate(cfg.module)  # a partial: the module class and its own settings
+
+    def make_module(model: GPTNeoX, stage: Stage) -> LMModule:
+        optimizer = instantiate(cfg.optimizer, lr=stage.lr)
+        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        return make_lightning_module(
+            net=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            losses=stage.losses,
+            metric_prefix=stage.name,
+            compile=cfg.compile,
+        )
+
+    return make_module
+
+
+def end_of_run(
+    run: PreparedRun,
+    metrics: dict[str, Any],
+    record: dict[str, Any],
+    loggers: list[Logger],
+    extra_evaluations: dict[str, Any],
+    step: int,
+) -> dict[str, Any]:
+    """The end-of-run evaluation joins `metrics` with the run record; logged as `eval/*`, written to metrics.json."""
+    from kvcompress.evaluation.evaluate import evaluate
+
+    cfg, net, datamodule = run.cfg, run.net, run.datamodule
+    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
+    evaluation = evaluate(net.to(run.accelerator), datamodule, eval_cfg)
+    for name, extra in extra_evaluations.items():
+        evaluation[name] = extra(net=net, datamodule=datamodule)
+    metrics.update(evaluation)
+    metrics.update(record)
+    for logger in loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=step)
+        logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    atomic_write_json(path, metrics)
+    log.info("metrics written to %s", path)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One training run: `prepare` (checks, nothing written) then `train_stages`."""
+    return train_stages(prepare(cfg))
+
+
+def evaluate_weights(run: PreparedRun) -> dict[str, Any]:
+    """One validation of the last stage's module on the loaded weights, then the end-of-run evaluation, into
+    metrics.json (`python -m kvcompress.eval`)."""
+    from hydra.utils import instantiate
+
+    from kvcompress.training.phases import validate, validation_callbacks
+
+    cfg, net = run.cfg, run.net
+    record, loggers = start_records(run)
+    stage = run.stages[-1]
+    callbacks = validation_callbacks(build_callbacks(cfg, with_logger=bool(loggers)), stage)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=1)
+    module = module_factory(cfg)(net, stage)
+    status = "failed"
+    try:
+        metrics: dict[str, Any] = {
+            "ckpt_path": str(cfg.ckpt_path),
+            **validate(trainer, module, run.datamodule, stage),
+            "params": {"total": net.num_parameters()},
+        }
+        end_of_run(run, metrics, record, loggers, build_extra_evaluations(cfg, net), step=0)
+        status = "success"
+        return metrics
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
+
+
+def close_wandb() -> None:
+    """Finish the W&B run, if any, so one failed job does not poison the next one of a multirun."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def print_config_tree(cfg: DictConfig, path: Path | None = None, show: bool = True) -> None:
+    """The composed config as a rich tree (lightning-hydra-template's `print_config_tree`), saved to `path`."""
+    import rich
+    import rich.syntax
+    import rich.tree
+    from rich.console import Console
+
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    order = ["data", "model", "phase", "cache", "scheduler", "optimizer", "eval", "trainer", "logger", "callbacks"]
+    for name in [*[k for k in order if k in cfg], *[k for k in cfg if k not in order]]:
+        node = cfg[name]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(str(name), style="dim", guide_style="dim").add(rich.syntax.Syntax(text, "yaml"))
+    if show:
+        rich.print(tree)
+    if path is not None:
+        with open(path, "w") as f:
+            Console(file=f, width=120, color_system=None).print(tree)
+
+
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """What a sweeper minimizes: val PPL, or inf when the cache is over `cache_budget` (a share of KV's bytes)."""
+    budget, cache = cfg.get("cache_budget"), metrics.get("cache") or {}
+    if budget is not None and cache and cache["bytes_per_token"] > budget * cache["kv_bytes_per_token"]:
+        log.warning("cache %.0f B/token is over the budget %s x KV: objective = inf", cache["bytes_per_token"], budget)
+        return float("inf")
+    return metrics.get("val_ppl")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an input error (Hydra's instantiate wraps the real one), on one line."""
+    cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"
+
+
+def run_guarded(cfg: DictConfig, job: Job) -> float | None:
+    """`job` (`train_stages` or `evaluate_weights`) after `prepare`, under a guard (lightning-hydra-template's
+    `task_wrapper`): every failure goes to train.log and W&B is always closed. Bad input (missing data, wrong
+    settings) is one line and exit code 1, no traceback. In a multirun a failed job is recorded
+    (`records.MultirunSummary`) and the sweep goes on. Returns what a sweeper minimizes (`objective`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    output_dir = Path(cfg.paths.output_dir)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    print_config_tree(cfg, output_dir / "config_tree.log", show=bool(cfg.get("print_config", True)))
+    try:
+        try:
+            run = prepare(cfg)
+        except INPUT_ERRORS as err:
+            message = one_line(err)
+            log.error("%s", message)
+            atomic_write_text(output_dir / FAILURE_FILE, message + "\n")
+            if multirun:
+                return float("inf")  # a failed job: the worst score for a sweeper
+            raise SystemExit(1) from None
+        try:
+            return objective(cfg, job(run))
+        except Exception as err:
+            log.exception("run failed")
+            why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
+            atomic_write_text(output_dir / FAILURE_FILE, why + "\n")
+            if multirun:
+                return float("inf")
+            raise
+    finally:
+        close_wandb()
+        log.info("run folder: %s", output_dir)
