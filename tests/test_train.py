@@ -275,17 +275,6 @@ def test_vdproj_two_stage_smoke(tmp_path, text_file):
     assert metrics["cache"]["reduction"] == pytest.approx(1 - (64 + 40) / 128)  # rank 0.625 * 64 = 40
 
 
-def test_vdproj_end_to_end_smoke(tmp_path, text_file):
-    metrics = train(smoke(tmp_path, text_file, "model=vdproj", "phase=vdproj_end_to_end"))
-    assert stage(metrics, "e2e")["val_recon"] > 0 and metrics["val_ppl"] > 1
-
-
-def test_ka_smoke(tmp_path, text_file):
-    metrics = train(smoke(tmp_path, text_file, "model=ka"))
-    assert metrics["cache"]["kind"] == "native" and metrics["cache"]["reduction"] == 0.0
-    assert metrics["decode_tokens_per_s"] > 0
-
-
 def test_ka_adapter_phase_smoke(tmp_path, text_file):
     overrides = ["attention=ka_adapter", "phase=ka_adapter", "cache=ka", "eval.caches=[kv,ka_plain]"]
     metrics = train(smoke(tmp_path, text_file, *overrides, "eval.autoregressive.enabled=true"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_cached_equals_uncached, randomized
+from helpers import randomized
 
 from kvcompress.methods.vdproj import VDProjAttention, VDProjCache, projection_parameters
 from kvcompress.models import GPTNeoX, ModelConfig, generate
@@ -24,40 +24,9 @@ def vdproj_attentions(model: GPTNeoX) -> list[VDProjAttention]:
 # --- degenerate setting reproduces the base model --------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [dict(rank=TINY_C), dict(rank=TINY_C, compress_k=True, k_rank=TINY_K_WIDTH)])
-def test_identity_projection_reproduces_base_model(kwargs):
-    base = randomized(GPTNeoX(ModelConfig.from_name("tiny")).double())
-    model = GPTNeoX(tiny(**kwargs)).double().eval()
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and missing and all(("_compress." in k or "_restore." in k) for k in missing)
-    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = base(x)
-        assert not torch.allclose(model(x), ref, atol=1e-3)  # sanity: random projections change the output
-        for attn in vdproj_attentions(model):
-            attn.set_identity()
-        torch.testing.assert_close(model(x), ref, atol=1e-10, rtol=0)
-        # Cached decoding of the identity model equals the base model's.
-        t_ref, l_ref = generate(base, x[:, :8], 6, return_logits=True)
-        t, l = generate(model, x[:, :8], 6, return_logits=True)
-    assert torch.equal(t, t_ref)
-    torch.testing.assert_close(l, l_ref, atol=1e-10, rtol=0)
-
-
 # --- cached == uncached ---------------------------------------------------------------------------------
 
 CACHE_SETTINGS = [dict(rank=40), dict(rank=40, compress_k=True, k_rank=20)]
-
-
-@pytest.mark.parametrize("kwargs", CACHE_SETTINGS, ids=["v", "v+k"])
-@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sample"])
-def test_cached_equals_uncached(kwargs, temperature):
-    model = randomized(GPTNeoX(tiny(**kwargs)).double())
-    x = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(2))
-    tokens = assert_cached_equals_uncached(model, x, 12, temperature, seed=3)
-    if temperature > 0:  # the draw really depends on the generator (the test is not vacuously greedy)
-        other = generate(model, x, 12, temperature=temperature, generator=torch.Generator().manual_seed(4))
-        assert not torch.equal(other, tokens)
 
 
 @pytest.mark.parametrize("kwargs", CACHE_SETTINGS, ids=["v", "v+k"])
@@ -131,43 +100,15 @@ def test_cache_stores_compressed_values():
 # --- cache size -----------------------------------------------------------------------------------------
 
 
-def cache_bytes(attention: str, kwargs: dict, batch: int = 2, max_len: int = 48) -> int:
-    cfg = ModelConfig.from_name("pythia-70m", vocab_size=8, attention=attention, attention_kwargs=kwargs)
-    with torch.device("meta"):  # weights are not needed to size the caches
-        model = GPTNeoX(cfg)
-    caches = model.build_caches(batch, max_len, device="cpu", dtype=torch.float32)
-    return sum(c.nbytes() for c in caches)
-
-
-def test_cache_bytes_match_formula():
-    B, L, nl, nh, hs, rd = 2, 48, 6, 8, 64, 16
-    kv = cache_bytes("standard", {})
-    assert kv == nl * B * L * 2 * nh * hs * 4
-    v_only = cache_bytes("vdproj", dict(rank=320))
-    assert v_only == nl * B * L * (nh * hs + 320) * 4
-    assert v_only / kv == (512 + 320) / 1024 == 1 - 0.1875  # exactly -18.75%
-    with_k = cache_bytes("vdproj", dict(rank=320, compress_k=True, k_rank=192))
-    assert with_k == nl * B * L * (nh * rd + 192 + 320) * 4
-    assert with_k / kv == 1 - 0.375  # K 128 rotary + 192, V 320: -37.5%
-
-
-def test_bytes_per_token_in_half_precision():
-    model = GPTNeoX(tiny(rank=40, compress_k=True, k_rank=20))
-    caches = model.build_caches(3, 10, dtype=torch.bfloat16)
-    assert all(c.bytes_per_token() == (4 * 4 + 20 + 40) * 2 for c in caches)
-
-
 # --- parameters -----------------------------------------------------------------------------------------
 
 
-def test_parameter_counts_at_pythia_70m_shape():
+def test_projection_parameters_at_pythia_70m_shape():
+    """The projections phase 1 trains (the whole model's count is in the method table). The seed report's total,
+    72,391,552, is 6,144 (6 x 1,024) lower than 70,426,624 + 1,971,072: its base model differed, not V-DProj."""
     with torch.device("meta"):
         base = GPTNeoX(ModelConfig.from_name("pythia-70m"))
         model = GPTNeoX(ModelConfig.from_name("pythia-70m", attention="vdproj", attention_kwargs=dict(rank=320)))
-    assert base.num_parameters() == 70_426_624
-    # Base + projections. The seed report's total, 72,391,552, is 6,144 (6 x 1,024) lower: its phase-2
-    # trainable count 70,420,480 is not Pythia-70M's 70,426,624, so its base model differed, not V-DProj.
-    assert model.num_parameters() == 70_426_624 + 1_971_072 == 72_397_696
     assert sum(p.numel() for p in projection_parameters(model)) == 1_971_072
     assert not projection_parameters(base)
 

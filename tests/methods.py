@@ -1,0 +1,132 @@
+"""The method table: one row per attention x cache kind, and every shared test runs over every row
+(`tests/test_methods.py`). A new method or cache kind adds a row here, not a test file of copies.
+
+Columns:
+- `attention`, `attention_kwargs`: the layer, at the `tiny` shape (widths as the method takes them);
+- `cache`, `cache_kwargs`: the cache kind decoding uses (`native`: the attention's own);
+- `exact`: cached decoding equals the uncached model (to 1e-10 in fp64); else the cache is lossy, and its logits
+  must stay within `lossy_bound` x max |logit| of the exact ones (and differ from them);
+- `ragged_exact`: a left-padded row decodes as the prompt alone; `chunk_consistent`: prefilling in two chunks
+  equals prefilling at once (with the same cache);
+- `bytes_per_token(cfg, element_size, max_len)`: the formula the measured cache bytes per token (all layers, one
+  sequence) must equal, checked at the tiny shape in fp32 and bf16 and at Pythia-70M's shape in fp32;
+- `degenerate`: a setting of the method that must reproduce the base model exactly (`kwargs` applied to the
+  method's model after loading the base's weights; `set_identity` calls that method on every attention);
+- `params_70m`: (attention kwargs at Pythia-70M, the expected parameter count);
+- `smoke`: overrides of a `debug=smoke` training run whose metrics.json cache bytes must equal the formula;
+- `compiled_in_make_test`: the compiled decode step is compared with eager in `make test` (slow elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcompress.models import ModelConfig
+
+PYTHIA_70M = 70_426_624
+BytesFormula = Callable[[ModelConfig, int, int], float]
+
+
+def kv_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
+    return cfg.n_layer * 2 * cfg.n_embd * e
+
+
+@dataclass(frozen=True)
+class Degenerate:
+    """The method's model with the base's weights, `kwargs` as its attention kwargs, and `set_identity` called on
+    every attention when asked: it must equal the base model."""
+
+    kwargs: dict[str, Any]
+    set_identity: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    attention: str = "standard"
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    cache: str = "native"
+    cache_kwargs: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+    lossy_bound: float = 0.0
+    ragged_exact: bool = True
+    chunk_consistent: bool = True
+    bytes_per_token: BytesFormula = kv_bytes
+    degenerate: Degenerate | None = None
+    params_70m: tuple[dict[str, Any], int] | None = None
+    smoke: tuple[str, ...] | None = None
+    compiled_in_make_test: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def int8_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
+    return cfg.n_layer * 2 * cfg.n_head * (cfg.head_size + e)  # int8 codes + one scale per token and head
+
+
+def int4_bytes(group: int, window: int) -> BytesFormula:
+    def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
+        hs, G, R = cfg.head_size, group, window
+        n_groups = -(-max_len // G)
+        k = (n_groups * G * hs // 2 + n_groups * 2 * hs * e) / max_len  # packed codes (whole groups), scale + zero
+        v = hs // 2 + 2 * (hs // min(G, hs)) * e  # packed codes, scale + zero per channel group
+        win = 2 * R * hs * e / max_len  # the full-precision window, spread over the slots
+        return cfg.n_layer * cfg.n_head * (k + v + win)
+
+    return formula
+
+
+def vdproj_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
+    """[K, V_c] (or [K_rot, K_c, V_c] with compress_k), widths from the model's attention kwargs."""
+    kw = cfg.attention_kwargs
+    width = lambda w, full: round(w * full) if isinstance(w, float) else w  # noqa: E731
+    v = width(kw["rank"], cfg.n_embd)
+    if not kw.get("compress_k"):
+        return cfg.n_layer * (cfg.n_embd + v) * e
+    k = width(kw["k_rank"], cfg.n_head * (cfg.head_size - cfg.rotary_ndims))
+    return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims + k + v) * e
+
+
+def mka_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
+    return (cfg.n_layer + 1) * 2 * cfg.n_embd * e  # [K, V] everywhere, plus the KA layer's [K, A] in the last
+
+
+TINY_C, TINY_K = 64, 4 * (16 - 4)  # tiny: width 64, 4 heads of 16 with 4 rotary dims each
+ROWS = [
+    Row("kv", cache="kv", params_70m=({}, PYTHIA_70M), smoke=(), compiled_in_make_test=True),
+    Row(
+        "fp16", cache="fp16", exact=False, lossy_bound=1e-3,
+        bytes_per_token=lambda cfg, e, max_len: cfg.n_layer * 2 * cfg.n_embd * 2, smoke=("cache=fp16",),
+    ),
+    Row("int8", cache="int8", exact=False, lossy_bound=0.05, bytes_per_token=int8_bytes, smoke=("cache=int8",)),
+    # A small window and groups, so that decoding reads codes, the window and a group being filled.
+    Row(
+        "int4", cache="int4", cache_kwargs={"group_size": 4, "window": 6}, exact=False, lossy_bound=0.1,
+        ragged_exact=False, chunk_consistent=False, bytes_per_token=int4_bytes(4, 6), compiled_in_make_test=True,
+    ),
+    Row(
+        "vdproj", "vdproj", {"rank": 32}, bytes_per_token=vdproj_bytes,
+        degenerate=Degenerate({"rank": TINY_C}, set_identity=True),
+        params_70m=({"rank": 320}, PYTHIA_70M + 1_971_072),  # the report's total is 6,144 lower (METHODS.md)
+        smoke=("model=vdproj", "phase=vdproj_end_to_end"),
+    ),
+    Row(
+        "vdproj_k", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, bytes_per_token=vdproj_bytes,
+        degenerate=Degenerate({"rank": TINY_C, "compress_k": True, "k_rank": TINY_K}, set_identity=True),
+    ),
+    Row("ka", "ka", params_70m=({}, PYTHIA_70M), smoke=("model=ka",)),
+    Row("ka_plain", cache="ka_plain", exact=False, lossy_bound=1.0, ragged_exact=False),
+    Row(
+        "ka_adapter", "ka_adapter", cache="ka", exact=False, lossy_bound=1.0, ragged_exact=False,
+        degenerate=None, params_70m=({}, PYTHIA_70M + 50_688),  # 6 x (LayerNorm(64) + 2 x Linear(64, 64))
+    ),
+    Row(
+        "mka", "mka", {"layers": [-1], "zero_init": False}, bytes_per_token=mka_bytes,
+        degenerate=Degenerate({"layers": [-1], "zero_init": True}),
+        params_70m=({"layers": [-1]}, PYTHIA_70M + 788_992),  # LayerNorm(512) + 3 x Linear(512, 512)
+    ),
+]  # fmt: skip
+ROWS_BY_NAME = {row.name: row for row in ROWS}
