@@ -50,3 +50,20 @@ def test_int4_quantization_error_is_bounded():
     err = (codes.float() * scale + zero - x).abs()
     assert err.max() > 0 and (err <= scale / 2 + 1e-6).all()
     assert torch.equal(_unpack(_pack(codes.transpose(-1, -2))), codes.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("kind, kwargs", [("int8", {}), ("int4", {"group_size": 4, "window": 6})])
+def test_fused_decode_read_equals_the_op_by_op_read(kind, kwargs):
+    """The fused (compiled) decode read that large caches use in eager decoding gives the op-by-op result."""
+    model = model_fp32().double()
+    prompt = torch.randint(0, 512, (2, 9))
+    runs = [
+        generate(
+            model, prompt, 8, caches=model.build_caches(2, 17, kind=kind, fused_read=f, **kwargs), return_logits=True
+        )
+        for f in (False, True)
+    ]
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-12, rtol=0)
+    assert model.build_caches(128, 256, kind=kind, **kwargs)[0].fused_read  # large caches fuse by default
+    assert not model.build_caches(2, 17, kind=kind, **kwargs)[0].fused_read
