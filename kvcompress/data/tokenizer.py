@@ -103,7 +103,11 @@ class TextTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def _from_file(path: str) -> Tokenizer:
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on a bad file
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json ({reason})") from None
 
 
 def local_tokenizer_path(name: str, data_dir_: str | os.PathLike | None = None) -> Path | None:
