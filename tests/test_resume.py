@@ -68,7 +68,7 @@ def uninterrupted(tmp_path_factory, corpus) -> dict:
 
 
 def kill_and_resume(tmp_path: Path, corpus: Path, *kill: str) -> dict:
-    killed = run(tmp_path, corpus, "+callbacks.killer._target_=killer.KillAt", *kill)
+    killed = run(tmp_path, corpus, "+callbacks.killer._target_=killer.KillAt", "extra_targets=[killer.]", *kill)
     assert killed.returncode == -9, f"the run was not killed: {killed.returncode}\n{killed.stderr[-2000:]}"
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = run(tmp_path, corpus)
