@@ -59,6 +59,7 @@ def compose_cfg(overrides: list[str], tmp_path: Path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.stage_dir = str(tmp_path / "stages")
+        del cfg["hydra"]  # (as under @hydra.main: the run's config holds no hydra node)
     return cfg
 
 
@@ -273,10 +274,9 @@ def test_a_failed_retrain_leaves_the_finished_stage_reusable(tmp_path):
     with pytest.raises(RuntimeError, match="the retrain failed"):  # phase.reuse=false, failing mid-fit
         make_runner(tmp_path, ONE_STAGE, reuse=False, extra_callbacks=lambda: [FailAt(2).callback]).run()
     assert file_sha256(folder / "weights.safetensors") == sha and (folder / DONE).read_bytes() == done
-    assert sibling(folder, FRESH).is_dir()  # the failed retrain's folder, beside it
     (again,) = make_runner(tmp_path, ONE_STAGE).run()
     assert again.reused and again.weights == first.weights and file_sha256(again.weights) == sha
-    assert not sibling(folder, FRESH).exists()  # removed under the lock on the next start
+    assert not sibling(folder, FRESH).exists()
 
 
 def test_self_repair_retrains_beside_the_damaged_stage_and_replaces_it_when_done(tmp_path, caplog):
@@ -334,6 +334,7 @@ def test_changed_data_or_tokenizer_at_the_same_path_trains_a_new_stage(tmp_path,
 
 
 def run_guarded_metrics(cfg) -> dict:
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)  # (Hydra makes it)
     assert run_guarded(cfg, train_stages) is not None
     return json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
 
@@ -477,6 +478,7 @@ def test_the_bytes_counted_are_the_bytes_a_write_needs(tmp_path):
         assert counted["n"] == path.stat().st_size
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_is_one_line_and_keeps_earlier_results(tmp_path, text_file):
     run = tmp_path / "run"
     run.mkdir()
@@ -524,49 +526,10 @@ def test_a_second_reproduce_on_one_folder_waits_for_the_first(tmp_path):
 def test_a_run_that_succeeds_removes_an_older_failure_file(tmp_path, text_file):
     cfg = smoke(tmp_path, text_file)
     run = Path(cfg.paths.output_dir)
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     (run / "failure.txt").write_text("ValueError: an earlier attempt\n")
     run_guarded_metrics(cfg)
     assert (run / "metrics.json").is_file() and not (run / "failure.txt").exists()
-
-
-def test_an_ordinary_run_ends_without_a_warning_from_our_code(tmp_path, text_file):
-    args = [
-        "debug=smoke", "data=local", f"data.path={text_file}", f"data.tokenizer={text_file.with_name('tokenizer.json')}",
-        f"hydra.run.dir={tmp_path / 'run'}", f"paths.stage_dir={tmp_path / 'stages'}", "logger=csv",
-        "print_config=false",
-    ]  # fmt: skip
-    done = run_cli("kvcompress.train", args, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ours = [
-        line
-        for line in done.stderr.splitlines()
-        if "Warning" in line and ("kvcompress" in line or "MultirunSummary" in line or "hydra" in line)
-    ]
-    assert not ours, ours
-    assert "MissingMandatoryValue" not in done.stderr
-
-
-def test_a_legit_run_folder_is_evaluated_and_what_it_may_not_set_is_left_out(tmp_path, text_file, victim):
-    """A real run folder (with `logger=csv`, `hydra.run.dir`... recorded) still evaluates; a plain
-    `paths.output_dir=<victim>` planted in it is left out, named in one line, and the victim is untouched."""
-    run = tmp_path / "run"
-    args = [
-        "debug=smoke", "data=local", f"data.path={text_file}", f"data.tokenizer={text_file.with_name('tokenizer.json')}",
-        f"hydra.run.dir={run}", f"paths.stage_dir={tmp_path / 'stages'}", "logger=csv", "print_config=false",
-    ]  # fmt: skip
-    assert run_cli("kvcompress.train", args, tmp_path).returncode == 0
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["overrides"].append(f"paths.output_dir={victim}")
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    before = (victim / "metrics.json").read_bytes()
-    out = tmp_path / "eval"
-    done = run_cli("kvcompress.eval", [f"ckpt_path={run}", f"hydra.run.dir={out}"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["val_ppl"] == metrics["val_ppl"]
-    (line,) = [line for line in done.stdout.splitlines() if "not taken from the run folder" in line]
-    assert f"paths.output_dir={victim}" in line and "logger=csv" in line
-    assert (victim / "metrics.json").read_bytes() == before
 
 
 def test_checkpoint_files_are_never_unpickled_by_eval(tmp_path):
@@ -579,10 +542,3 @@ def test_checkpoint_files_are_never_unpickled_by_eval(tmp_path):
     with pytest.raises(BadWeightsError):
         load_weights(evil)
     assert not marker.exists()
-
-
-def test_disk_full_error_is_an_os_error_with_one_line():
-    err = DiskFullError(28, "cannot write x: No space left on device (it needed 10 bytes; ...)")
-    assert isinstance(err, OSError) and str(err).startswith("cannot write x")
-
-
