@@ -28,7 +28,7 @@ from omegaconf import open_dict
 from kvcompress.run import CONF_DIR, INPUT_ERRORS, one_line, prepare, run_guarded, train_stages
 from kvcompress.training import Stage
 from kvcompress.training.phases import DONE, FRESH, REPLACED, finish_interrupted_swap, sibling
-from kvcompress.utils import DiskFullError, file_sha256
+from kvcompress.utils import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "the of a model cache key value attention token layer train data loss head rank".split()
@@ -211,7 +211,7 @@ def test_a_foreign_target_is_refused_before_anything_is_built(tmp_path, text_fil
     for extra in (
         ["+callbacks.pwn._target_=os.system", f"+callbacks.pwn.command='touch {marker}'"],
         [f"+phase.stages.lm.after=[{{_target_: os.system, command: 'touch {marker}'}}]"],
-        ["model._target_=builtins.exec", "+model.source='open(\"x\", \"w\")'"],
+        ["model._target_=builtins.exec", '+model.source=\'open("x", "w")\''],
     ):
         with pytest.raises(ValueError, match=r"_target_='(os\.system|builtins\.exec)' is not one of the library"):
             prepare(smoke(tmp_path, text_file, *extra))
@@ -323,7 +323,9 @@ def test_changed_data_or_tokenizer_at_the_same_path_trains_a_new_stage(tmp_path,
     caplog.clear()
     second = run()
     assert not second["stages"][0]["reused"] and second["stages"][0]["key"] != first["stages"][0]["key"]
-    assert re.search(rf"data\.all \({re.escape(str(text_file))}\): sha256 \w+ -> \w+.*training a new stage", caplog.text)
+    assert re.search(
+        rf"data\.all \({re.escape(str(text_file))}\): sha256 \w+ -> \w+.*training a new stage", caplog.text
+    )
 
     tokenizer = text_file.with_name("tokenizer.json")  # another tokenizer at the same path
     train_tokenizer(corpus_text(OTHER_WORDS).splitlines()[:50], tokenizer, vocab_size=320)
@@ -453,7 +455,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_bytes_and_keeps_the_old
     lines = dict(line.split("|", 1) for line in done.stdout.splitlines())
     assert set(lines) == {"metrics", "weights", "checkpoint", "token cache"}
     for message in lines.values():
-        assert re.fullmatch(rf"cannot write {re.escape(str(target))}: File too large \(it needed [\d,]+ bytes; .*\)", message)
+        assert re.fullmatch(
+            rf"cannot write {re.escape(str(target))}: File too large \(it needed [\d,]+ bytes; .*\)", message
+        )
     assert lines["weights"].count("200,") == 1  # 50,000 float32 = 200,000 bytes and a small header
     assert target.read_text() == '{"earlier": "result"}' and sorted(p.name for p in tmp_path.iterdir()) == [
         "metrics.json"
@@ -468,9 +472,9 @@ def test_the_bytes_counted_are_the_bytes_a_write_needs(tmp_path):
         "text": lambda f: f.write("é" * 1000),
     }.items():
         path = tmp_path / name
-        counted = {}
+        counted: dict[str, int] = {}
 
-        def spy(f, write=write):
+        def spy(f, write=write, counted=counted):
             write(f)
             counted["n"] = f.requested
 
@@ -483,9 +487,10 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_earlier_results(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text('{"earlier": "result"}')
+    tokenizer = text_file.with_name("tokenizer.json")
     args = [
-        "debug=smoke", "data=local", f"data.path={text_file}", f"data.tokenizer={text_file.with_name('tokenizer.json')}",
-        f"hydra.run.dir={run}", f"paths.stage_dir={tmp_path / 'stages'}", "logger=none", "print_config=false",
+        "debug=smoke", "data=local", f"data.path={text_file}", f"data.tokenizer={tokenizer}", f"hydra.run.dir={run}",
+        f"paths.stage_dir={tmp_path / 'stages'}", "logger=none", "print_config=false",
     ]  # fmt: skip
 
     def limit() -> None:
