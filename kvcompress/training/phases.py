@@ -152,6 +152,9 @@ class PhaseRunner:
     A stage folder holds `checkpoints/{best,last}.ckpt` while it trains and, once finished, `weights.safetensors`
     and `done.json` (relative paths and the weights' sha256). Reuse verifies the hash and recomputes the metrics
     from the weights; anything damaged is reported by name and the stage restarts from its last good state.
+    A finished stage is never destroyed by a retrain (`reuse=False`, or a damaged one): the retrain runs in a
+    sibling folder that replaces it only once finished. `inputs` (content hashes of the data, tokenizer and
+    `init_from`) go into every key, so another file at the same path trains a new stage.
     """
 
     def __init__(
