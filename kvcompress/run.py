@@ -237,6 +237,7 @@ def check_stages(cfg: DictConfig, net: GPTNeoX, stages: list[Stage]) -> None:
 
     make_module = module_factory(cfg)
     run_callbacks = build_callbacks(cfg)
+    trainable = {name: p.requires_grad for name, p in net.named_parameters()}
     for stage in stages:
         set_trainable(net, stage)
         if stage.init != "previous" and not Path(stage.init).is_file():
@@ -249,8 +250,8 @@ def check_stages(cfg: DictConfig, net: GPTNeoX, stages: list[Stage]) -> None:
                 f"phase.stages.{stage.name}.monitor={stage.monitor!r} is never logged by this stage; it can monitor: "
                 f"{', '.join(sorted(logged))}"
             )
-    for param in net.parameters():
-        param.requires_grad_(True)
+    for name, param in net.named_parameters():
+        param.requires_grad_(trainable[name])
 
 
 def input_hashes(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:

@@ -267,7 +267,9 @@ class PhaseRunner:
                 log.info("stage %s: phase.reuse=false, retraining beside the finished stage %s", stage.name, folder)
             else:
                 self._log_changed_inputs(stage, config_key)
-            if not finished:
+            if not finished:  # (phase.reuse=false restarts an interrupted stage; else it resumes)
+                if not self.reuse and self.is_writer and clear_folder(folder):
+                    log.info("stage %s: phase.reuse=false, restarting the unfinished stage %s", stage.name, folder)
                 return self._train(stage, key, folder, datamodule, trainable, frozen, config_key)
             # A finished stage is never destroyed by a retrain that fails: train into a fresh sibling folder and
             # put it in place (renames) only once it is finished.
