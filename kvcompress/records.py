@@ -357,7 +357,8 @@ def check_targets(cfg: DictConfig) -> None:
     if not all(isinstance(p, str) and p for p in extra):
         raise ValueError(f"extra_targets must be a list of module prefixes (e.g. [mypackage.]), got {list(extra)}")
     allowed = (*LIBRARY_TARGETS, *extra)
-    tree = {k: OmegaConf.to_container(cfg[k], resolve=False) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg}
+    tree = OmegaConf.to_container(cfg, resolve=False)  # (a missing value stays "???")
+    assert isinstance(tree, dict)
     tree.pop("hydra", None)
 
     def walk(node: Any, where: str) -> None:
