@@ -43,7 +43,7 @@ class _CountingWriter:
                 if err.errno not in _FULL:
                     raise
                 self.failed = err
-        return len(data)
+        return len(data) if isinstance(data, str) else n
 
     def flush(self) -> None:
         if self.failed is None:
