@@ -13,6 +13,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 
+def require_int(value: Any, setting: str, minimum: int) -> None:
+    """A ValueError naming `setting` unless `value` is an integer >= minimum (checked when a config becomes a
+    dataclass: `OmegaConf.to_object`, in `run.prepare`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{setting} must be an integer >= {minimum}, got {value!r}")
+
+
 @dataclass
 class CacheConfig:
     """A cache kind and its own settings: the `cache` group (conf/cache/<kind>.yaml) and each item of
@@ -59,6 +66,10 @@ class DecodeConfig:
     repeats: int = 3
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        for name, minimum in (("batch_size", 1), ("prompt_len", 1), ("new_tokens", 0), ("repeats", 1)):
+            require_int(getattr(self, name), f"eval.decode.{name}", minimum)
+
 
 @dataclass
 class AutoregressiveConfig:
@@ -67,6 +78,10 @@ class AutoregressiveConfig:
     enabled: bool = False
     max_batches: int = 8
 
+    def __post_init__(self) -> None:
+        if self.enabled:
+            require_int(self.max_batches, "eval.autoregressive.max_batches (with eval.autoregressive.enabled)", 1)
+
 
 @dataclass
 class ReversalConfig:
@@ -74,6 +89,9 @@ class ReversalConfig:
 
     enabled: bool = False
     n_facts: int = 100
+
+    def __post_init__(self) -> None:
+        require_int(self.n_facts, "eval.reversal.n_facts", 1)
 
 
 @dataclass

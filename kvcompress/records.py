@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,10 @@ class MultirunSummary(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:  # an ordinary run has no job number and no summary
+            return
 
         num = int(config.hydra.job.num)
         overrides = " ".join(config.hydra.overrides.task) or "(no overrides)"
@@ -220,3 +225,153 @@ class MultirunSummary(Callback):
         atomic_write_text(sweep / "summary.txt", text)
         if any(": failed" in line for line in lines):
             raise SystemExit(1)
+
+
+# --- what a run folder may set --------------------------------------------------------------------------------------
+# A run folder from someone else is data, never code. Composing a run again from the overrides recorded in its
+# metrics.json (`python -m kvcompress.eval ckpt_path=<run folder>`) takes only:
+#   - group choices of RUN_GROUPS, each a file of our own conf/ folder (e.g. `model=pythia-14m`, `phase=lego`);
+#   - plain values under RUN_VALUES (e.g. `model.attention_kwargs.rank=0.5`, `data.seq_len=64`, `seed=3`).
+# Settings of how and where the original run wrote (LEFT_OUT, plain values only) are left out, named in one line.
+# Anything else is refused, the command stops in one line and nothing runs: a key path or a value holding a special
+# key of Hydra's instantiate (SPECIAL_KEYS), an added / forced / deleted key outside RUN_VALUES, any other key,
+# an interpolation, a sweep, a package (`@`), a group choice that is not one of our files.
+RUN_GROUPS = ("model", "attention", "data", "cache", "phase", "eval", "experiment", "debug", "scheduler")
+RUN_VALUES = ("model", "attention", "data", "cache", "phase", "eval", "seed")
+LEFT_OUT = (
+    "hydra", "paths", "logger", "trainer", "callbacks", "task_name", "ckpt_path", "print_config", "tags", "compile",
+    "checkpoint", "optimizer", "module", "scheduler", "data.cache_dir", "extra_targets",
+)  # fmt: skip
+SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+# The targets a composed config may instantiate: the library's own, and the maintained libraries it plugs into.
+# `extra_targets` (train.yaml) adds prefixes of your own (e.g. a callback of yours); a run folder cannot set it.
+LIBRARY_TARGETS = ("kvcompress.", "lightning.pytorch.", "torch.optim.", "transformers.get_")
+_CHOICE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class RefusedOverride(ValueError):
+    """A run folder's recorded override that could run code or write elsewhere."""
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _special_in_value(value: Any) -> str | None:
+    """The first special key or interpolation anywhere in a parsed override value (lists and dicts, recursively)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if str(k) in SPECIAL_KEYS:
+                return f"its value sets {k}"
+            found = _special_in_value(k) or _special_in_value(v)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for v in value:
+            found = _special_in_value(v)
+            if found:
+                return found
+    elif isinstance(value, str) and "${" in value:
+        return "its value is an interpolation (${...}), which may read the environment or decode code"
+    return None
+
+
+def classify_run_override(text: Any, conf_dir: str | os.PathLike) -> tuple[str, str]:
+    """('keep' | 'leave' | 'refuse', why) for one override recorded in a run folder, parsed by Hydra's own
+    override parser (so `+`, `++`, `~`, quoting and list / dict values are read as Hydra reads them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    if not isinstance(text, str):
+        return "refuse", f"it is a {type(text).__name__}, not an override string"
+    try:
+        override = OverridesParser.create().parse_override(text)
+    except Exception as err:  # noqa: BLE001 - any parse failure: refused
+        return "refuse", f"Hydra cannot parse it ({' '.join(str(err).split())[:120]})"
+    key = override.key_or_group
+    parts = re.split(r"[./]", key)
+    special = next((p for p in parts if p in SPECIAL_KEYS), None)
+    if special:
+        return "refuse", f"it sets {special}"
+    if override.package is not None:
+        return "refuse", "it moves a config to another package (@)"
+    if override.is_sweep_override():
+        return "refuse", "it is a sweep, not one value"
+    value = None if override.type == OverrideType.DEL else override.value()
+    found = _special_in_value(value)
+    if found:
+        return "refuse", found
+    plain = override.type == OverrideType.CHANGE
+    if "/" not in key and "." not in key and key in RUN_GROUPS:
+        if not plain:
+            return "refuse", f"it adds or deletes the {key} group"
+        if value is None:
+            return "keep", ""
+        if not isinstance(value, str) or not _CHOICE.fullmatch(value) or ".." in value:
+            return "refuse", f"{key}= must name a file of conf/{key}/"
+        if not (Path(conf_dir) / key / f"{value}.yaml").is_file():
+            return "refuse", f"conf/{key}/{value}.yaml does not exist"
+        return "keep", ""
+    if _under(key, RUN_VALUES) and not _under(key, LEFT_OUT):
+        return "keep", ""
+    if _under(key.replace("/", "."), LEFT_OUT):
+        return ("leave", "") if plain else ("refuse", f"a run folder may not add, force or delete {key}")
+    return "refuse", f"{key} is outside what a run folder may set"
+
+
+def run_folder_overrides(recorded: Any, source: str, conf_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(kept, left out) of the overrides a run folder recorded; raises RefusedOverride, one line naming the first
+    refused one. `source` names where they came from (e.g. the metrics.json)."""
+    if recorded is None:
+        return [], []
+    if not isinstance(recorded, list):
+        raise RefusedOverride(f"{source}: `overrides` is a {type(recorded).__name__}, not a list of overrides")
+    kept, left = [], []
+    for text in recorded:
+        verdict, why = classify_run_override(text, conf_dir)
+        if verdict == "refuse":
+            raise RefusedOverride(
+                f"{source}: override {text!r} is refused ({why}). A run folder may only choose files of conf/ for "
+                f"{', '.join(RUN_GROUPS)} and set plain values under {', '.join(RUN_VALUES)}; nothing was run"
+            )
+        (kept if verdict == "keep" else left).append(text)
+    return kept, left
+
+
+def quoted_override(key: str, value: str) -> str:
+    """`key='value'` that Hydra parses back to exactly `value` (a path with spaces, commas or quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "${" in value:
+        raise RefusedOverride(f"{key}={value!r}: a path may not hold an interpolation (${{...}})")
+    text = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if OverridesParser.create().parse_override(text).value() != value:
+        raise RefusedOverride(f"{key}={value!r}: not a path Hydra can take on its command line")
+    return text
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every `_target_` of a composed config (but Hydra's own, under `hydra`) is one of LIBRARY_TARGETS or of
+    `extra_targets`; raises a ValueError naming the first other one and where it is."""
+    extra = cfg.get("extra_targets") or []
+    if not all(isinstance(p, str) and p for p in extra):
+        raise ValueError(f"extra_targets must be a list of module prefixes (e.g. [mypackage.]), got {list(extra)}")
+    allowed = (*LIBRARY_TARGETS, *extra)
+    tree = OmegaConf.to_container(cfg, resolve=False)  # (a missing value stays "???")
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "_target_" and (not isinstance(v, str) or "${" in v or not v.startswith(allowed)):
+                    raise ValueError(
+                        f"{where}._target_={v!r} is not one of the library's own targets ({', '.join(allowed)}): "
+                        "refused before anything is built (add your own package's prefix to extra_targets)"
+                    )
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(tree, "")

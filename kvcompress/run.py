@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING, Any
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from kvcompress.config import EvalConfig
+from kvcompress.config import EvalConfig, require_int
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
-from kvcompress.records import FAILURE_FILE, register_resolvers, run_record
-from kvcompress.utils import atomic_write_json, atomic_write_text
+from kvcompress.records import FAILURE_FILE, check_targets, register_resolvers, run_record
+from kvcompress.records import RefusedOverride as RefusedOverride  # what eval composes from a run folder (re-exported)
+from kvcompress.records import quoted_override as quoted_override
+from kvcompress.records import run_folder_overrides as run_folder_overrides
+from kvcompress.utils import DiskFullError, atomic_write_json, atomic_write_text, content_sha256
 
 if TYPE_CHECKING:
     import lightning as L
@@ -43,6 +46,8 @@ COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_mod
 # Errors of bad input, raised before anything trains: reported in one line, without a traceback.
 INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, InstantiationException)
 Job = Callable[["PreparedRun"], dict[str, Any]]
+# The files of a Hugging Face folder that `model.init_from` loads (hashed into the stage keys).
+HF_WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
 register_resolvers()
 
@@ -125,9 +130,32 @@ def check_settings(cfg: DictConfig) -> None:
             "Set phase.stages.<stage>.lr instead."
         )
     if cfg.phase.get("epochs_cap") is not None:
-        from kvcompress.training.phases import require_int  # (imports Lightning: only when needed)
-
         require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
+    check_trainer_settings(cfg.trainer)
+    every_n, minutes = cfg.checkpoint.get("every_n_steps"), cfg.checkpoint.get("every_minutes")
+    if every_n is not None:
+        require_int(every_n, "checkpoint.every_n_steps", minimum=1)  # (or null)
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0):
+        raise ValueError(f"checkpoint.every_minutes must be null or a number > 0, got {minutes!r}")
+
+
+def check_trainer_settings(trainer: DictConfig) -> None:
+    """The Trainer settings that otherwise fail after training, or as a traceback, or silently."""
+    if trainer.get("max_steps") is not None:
+        require_int(trainer.max_steps, "trainer.max_steps", minimum=-1)  # -1: no limit
+    if trainer.get("accumulate_grad_batches") is not None:
+        require_int(trainer.accumulate_grad_batches, "trainer.accumulate_grad_batches", minimum=1)
+    for name in ("limit_val_batches", "limit_train_batches"):
+        value = trainer.get(name)
+        if value is None:
+            continue
+        share = isinstance(value, float) and 0.0 < value <= 1.0
+        count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not (share or count):
+            raise ValueError(
+                f"trainer.{name}={value!r}: give an integer >= 1 (batches) or a float share in (0, 1] ("
+                + ("every stage validates to choose its best weights)" if "val" in name else "a stage must train)")
+            )
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
@@ -153,12 +181,18 @@ def build_net(cfg: DictConfig) -> GPTNeoX:
 def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.LightningDataModule) -> None:
     """Bad input fails here, before any stage starts."""
     seq_len = int(cfg.data.seq_len)
-    if seq_len > net.cfg.max_position_embeddings:
+    positions = net.cfg.max_position_embeddings
+    if seq_len > positions:
         raise ValueError(
-            f"data.seq_len={seq_len} is larger than the model's position limit "
-            f"max_position_embeddings={net.cfg.max_position_embeddings}"
+            f"data.seq_len={seq_len} is larger than the model's position limit max_position_embeddings={positions}"
         )
-    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
+    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]  # checks its own ranges
+    decode = eval_cfg.decode
+    if decode.new_tokens > 1 and decode.prompt_len + decode.new_tokens > positions:
+        raise ValueError(
+            f"eval.decode.prompt_len={decode.prompt_len} + eval.decode.new_tokens={decode.new_tokens} reach past the "
+            f"model's max_position_embeddings={positions}: keep prompt_len + new_tokens <= {positions}"
+        )
     for cache in eval_cfg.all_caches().values():  # raises if a kind cannot serve the model or its settings are bad
         net.build_caches(1, 2, kind=cache.name, **cache.kwargs)
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
@@ -171,6 +205,84 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
         raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")
 
 
+def check_callbacks(cfg: DictConfig) -> None:
+    """Build the run's callbacks once (their constructors check their settings) and check the position buckets
+    against data.seq_len: a bucket that straddles it would be relabelled, one wholly past it is skipped."""
+    from kvcompress.training import PositionwisePPL
+
+    seq_len = int(cfg.data.seq_len)
+    for callback in build_callbacks(cfg):
+        if not isinstance(callback, PositionwisePPL):
+            continue
+        setting = "callbacks.position_ppl.buckets"
+        inside = [(lo, hi) for lo, hi in callback.buckets if lo < seq_len]
+        for lo, hi in inside:
+            if hi > seq_len:
+                raise ValueError(
+                    f"{setting}: [{lo}, {hi}] reaches past data.seq_len={seq_len} (its PPL would cover [{lo}, "
+                    f"{seq_len}) under the label {lo}-{hi}): end it at {seq_len} or below"
+                )
+        if not inside:
+            buckets = [list(b) for b in callback.buckets]
+            raise ValueError(f"{setting}={buckets}: none starts below data.seq_len={seq_len}")
+        skipped = [list(b) for b in callback.buckets if b[0] >= seq_len]
+        if skipped:
+            log.info("position buckets %s start at or past data.seq_len=%d: not measured", skipped, seq_len)
+
+
+def check_stages(cfg: DictConfig, net: GPTNeoX, stages: list[Stage]) -> None:
+    """Each stage's parameter patterns match the model, its `init` checkpoint exists, and its `monitor` is a
+    metric the stage logs (its module's validation metrics and its callbacks')."""
+    from kvcompress.training.phases import set_trainable, validation_callbacks
+
+    make_module = module_factory(cfg)
+    run_callbacks = build_callbacks(cfg)
+    trainable = {name: p.requires_grad for name, p in net.named_parameters()}
+    for stage in stages:
+        set_trainable(net, stage)
+        if stage.init != "previous" and not Path(stage.init).is_file():
+            raise FileNotFoundError(f"phase.stages.{stage.name}.init: checkpoint {stage.init} does not exist")
+        logged = set(make_module(net, stage).val_metric_names())
+        for callback in validation_callbacks(run_callbacks, stage):
+            logged |= set(getattr(callback, "logged_metrics", lambda: ())())
+        if stage.monitor not in logged:
+            raise ValueError(
+                f"phase.stages.{stage.name}.monitor={stage.monitor!r} is never logged by this stage; it can monitor: "
+                f"{', '.join(sorted(logged))}"
+            )
+    for name, param in net.named_parameters():
+        param.requires_grad_(trainable[name])
+
+
+def input_hashes(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """Content hashes of every file that shapes the result, computed once a run (the data's come from the token
+    cache and the data source, which hash them anyway): recorded in metrics.json and in every stage key."""
+    info = getattr(datamodule, "info", {}) or {}
+    data = {
+        name: {
+            "origin": split.get("origin"),
+            **(split.get("identity") or {}),
+            "tokens_sha256": split.get("tokens_sha256"),
+        }
+        for name, split in (info.get("splits") or {}).items()
+    }
+    tokenizer = {"source": info.get("tokenizer"), "serialization_sha256": info.get("tokenizer_sha256")}
+    return {"data": data, "tokenizer": tokenizer, "init_from": init_from_hash(cfg.model.get("init_from"))}
+
+
+def init_from_hash(init_from: Any) -> dict[str, Any] | None:
+    """`model.init_from`'s contents: a weights file's sha256, or a Hugging Face folder's config and weight files';
+    a Hub name is recorded by name (its files are not here to hash)."""
+    if init_from is None:
+        return None
+    path = Path(str(init_from)).expanduser()
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": content_sha256(path)}
+    if path.is_dir():
+        return {"path": str(path.resolve()), "sha256": content_sha256(path, HF_WEIGHT_FILES)}
+    return {"hub": str(init_from), "sha256": None}
+
+
 @dataclass
 class PreparedRun:
     cfg: DictConfig
@@ -178,11 +290,14 @@ class PreparedRun:
     datamodule: L.LightningDataModule
     stages: list[Stage]
     accelerator: str  # "cuda" or "cpu"
+    inputs: dict[str, Any]  # content hashes of the data, tokenizer and init_from (`input_hashes`)
+    extra_evaluations: dict[str, Any]  # `eval.extra`, built (and checked) before any training
 
 
 def prepare(cfg: DictConfig) -> PreparedRun:
     """Everything that fails on bad input: settings, tokenizer, data, model, cache and phase checks. Nothing is
     written."""
+    check_targets(cfg)  # only the library's own targets are ever instantiated (a config is data, never code)
     check_settings(cfg)
     check_tokenizer(cfg)  # before anything imports Lightning (seconds): a missing data folder answers at once
     stages = build_stages(cfg.phase)  # each stage checks its own settings
@@ -198,8 +313,11 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     datamodule.setup("fit")  # data before the model: a missing data set fails before a large model is built
     net = build_net(cfg)
     check_before_training(cfg, net, datamodule)
+    check_callbacks(cfg)
+    check_stages(cfg, net, stages)
+    extra_evaluations = build_extra_evaluations(cfg, net)
     accelerator = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
-    return PreparedRun(cfg, net, datamodule, stages, accelerator)
+    return PreparedRun(cfg, net, datamodule, stages, accelerator, input_hashes(cfg, datamodule), extra_evaluations)
 
 
 def train_stages(run: PreparedRun) -> dict[str, Any]:
@@ -215,8 +333,6 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
     def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
         """The run's data (already set up) unless the stage overrides it."""
         return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
-
-    extra_evaluations = build_extra_evaluations(cfg, net)  # before training: their settings fail early
 
     def make_trainer(stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_epochs=max_epochs)
@@ -235,6 +351,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
         epochs_cap=cfg.phase.get("epochs_cap"),
         checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
         checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
+        inputs=run.inputs,
     )
     status = "failed"
     try:
@@ -263,7 +380,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
         if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
             status = "success"
             return metrics
-        end_of_run(run, metrics, record, loggers, extra_evaluations, step=runner.step)
+        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=runner.step)
         status = "success"
         return metrics
     finally:
@@ -274,7 +391,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
 
 def start_records(run: PreparedRun) -> tuple[dict[str, Any], list[Logger]]:
     """The run record (config, data origin, code version) and the loggers, which get it as hyperparameters."""
-    record = run_record(run.cfg, getattr(run.datamodule, "info", {}), run.accelerator)
+    record = {**run_record(run.cfg, getattr(run.datamodule, "info", {}), run.accelerator), "inputs": run.inputs}
     loggers = build_loggers(run.cfg)
     for logger in loggers:
         logger.log_hyperparams(record)
@@ -359,7 +476,7 @@ def evaluate_weights(run: PreparedRun) -> dict[str, Any]:
             **validate(trainer, module, run.datamodule, stage),
             "params": {"total": net.num_parameters()},
         }
-        end_of_run(run, metrics, record, loggers, build_extra_evaluations(cfg, net), step=0)
+        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=0)
         status = "success"
         return metrics
     finally:
@@ -420,6 +537,20 @@ def one_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
+def failed_in_one_line(err: BaseException, output_dir: Path, multirun: bool) -> float:
+    """Bad input (or a full disk): one line in the log and in failure.txt, exit code 1 (a multirun job: the worst
+    score for the sweeper, and the sweep goes on)."""
+    message = one_line(err)
+    log.error("%s", message)
+    try:
+        atomic_write_text(output_dir / FAILURE_FILE, message + "\n")
+    except OSError:  # e.g. the disk is still full: the line above is in the console
+        pass
+    if multirun:
+        return float("inf")
+    raise SystemExit(1) from None
+
+
 def run_guarded(cfg: DictConfig, job: Job) -> float | None:
     """`job` (`train_stages` or `evaluate_weights`) after `prepare`, under a guard (lightning-hydra-template's
     `task_wrapper`): every failure goes to train.log and W&B is always closed. Bad input (missing data, wrong
@@ -434,15 +565,12 @@ def run_guarded(cfg: DictConfig, job: Job) -> float | None:
     try:
         try:
             run = prepare(cfg)
-        except INPUT_ERRORS as err:
-            message = one_line(err)
-            log.error("%s", message)
-            atomic_write_text(output_dir / FAILURE_FILE, message + "\n")
-            if multirun:
-                return float("inf")  # a failed job: the worst score for a sweeper
-            raise SystemExit(1) from None
+        except (*INPUT_ERRORS, DiskFullError) as err:
+            return failed_in_one_line(err, output_dir, multirun)
         try:
-            return objective(cfg, job(run))
+            score = objective(cfg, job(run))
+        except DiskFullError as err:  # a full disk: one line naming the file; what was written before stays
+            return failed_in_one_line(err, output_dir, multirun)
         except Exception as err:
             log.exception("run failed")
             why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
@@ -450,6 +578,8 @@ def run_guarded(cfg: DictConfig, job: Job) -> float | None:
             if multirun:
                 return float("inf")
             raise
+        (output_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's, beside this run's metrics.json
+        return score
     finally:
         close_wandb()
         log.info("run folder: %s", output_dir)

@@ -1,6 +1,7 @@
 """A callback that kills its own process with SIGKILL at a chosen point (for the kill-and-resume tests).
 
-Injected into a real run with `+callbacks.killer._target_=killer.KillAt` and `PYTHONPATH=tests`.
+Injected into a real run with `+callbacks.killer._target_=killer.KillAt extra_targets=[killer.]` and
+`PYTHONPATH=tests`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,35 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     args = [*SMOKE, f"data.path={corpus}", f"hydra.run.dir={run}", f"paths.stage_dir={root / 'stages'}"]
     done = _run("kvcompress.train", args, root, corpus)
     assert done.returncode == 0, done.stderr[-3000:]
+    (root / "train.stderr").write_text(done.stderr)
     return run
+
+
+def test_an_ordinary_run_ends_without_a_warning_from_our_code(smoke_run: Path) -> None:
+    stderr = (smoke_run.parent / "train.stderr").read_text()
+    ours = [line for line in stderr.splitlines() if "Warning" in line and ("kvcompress" in line or "hydra" in line)]
+    assert not ours and "MultirunSummary" not in stderr and "MissingMandatoryValue" not in stderr, ours
+
+
+def test_a_run_folder_is_evaluated_without_what_it_may_not_set(smoke_run: Path, corpus: Path) -> None:
+    """A real run folder records `logger=csv`, `hydra.run.dir`...: those are left out (named in one line) and the
+    run still evaluates to its val PPL; a plain `paths.output_dir=<another run>` planted in it is left out too,
+    and that run's metrics.json is untouched (the `+`/`++` forms are refused: tests/test_safety.py)."""
+    victim = smoke_run.parent / "victim"
+    victim.mkdir()
+    (victim / "metrics.json").write_text('{"val_ppl": 12.5}')
+    planted = smoke_run.parent / "planted"
+    planted.mkdir()
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    metrics["overrides"].append(f"paths.output_dir={victim}")
+    (planted / "metrics.json").write_text(json.dumps(metrics))
+    out = smoke_run.parent / "eval-planted"
+    done = _run("kvcompress.eval", [f"ckpt_path={planted}", f"hydra.run.dir={out}"], smoke_run.parent, corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["val_ppl"] == metrics["val_ppl"]
+    (line,) = [line for line in done.stdout.splitlines() if "not taken from the run folder" in line]
+    assert f"paths.output_dir={victim}" in line and "logger=csv" in line
+    assert (victim / "metrics.json").read_text() == '{"val_ppl": 12.5}'
 
 
 SAME_SCHEMA = ["val_ppl", "val_loss", "val_acc", "val_pos_ppl", "cache", "caches", "tpot_s", "config", "data", "code"]

@@ -140,29 +140,40 @@ def test_early_exit_with_every_token_deep_is_full_depth_decoding(fill):
     torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-12)
 
 
+@torch.no_grad()
 def routed_reference(model: LegoGPTNeoX, prompt: torch.Tensor, new_tokens: int, threshold: float):
-    """Uncached: each step runs the whole sequence at full depth and takes the routed last-position logits."""
-    tokens, steps, shallow = prompt, [], []
+    """Uncached: each step runs the whole sequence at full depth and takes the routed last-position logits. Also
+    returns each step's shallow confidence (for the margin to the threshold)."""
+    tokens, steps, shallow, confidences = prompt, [], [], []
     for _ in range(new_tokens):
         logits, take = model.routed(tokens, threshold)
         steps.append(logits[:, -1])
         shallow.append(take[:, -1])
+        confidences.append(confidence(model.forward_exits(tokens)[model.shallow_exit][:, -1]))
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens, torch.stack(steps, 1), torch.stack(shallow, 1)
+    return tokens, torch.stack(steps, 1), torch.stack(shallow, 1), torch.stack(confidences, 1)
 
 
 @torch.no_grad()
 def mixed_threshold(model: LegoGPTNeoX, prompt: torch.Tensor, new_tokens: int) -> float:
-    """The median shallow confidence over the steps of full-depth decoding: routes about half of them deep."""
+    """Midway between the two shallow confidences next to the median over the steps of full-depth decoding: it
+    routes about half of them deep, and no confidence sits on it (the cached and uncached paths may differ in the
+    last bit of a confidence, so a threshold on a data point would route that token by the CPU's rounding)."""
     tokens = generate(model, prompt, new_tokens)
     shallow = model.forward_exits(tokens[:, :-1], upto=model.shallow_exit)[model.shallow_exit]
-    return float(confidence(shallow[:, prompt.shape[1] - 1 :]).median())
+    ordered = confidence(shallow[:, prompt.shape[1] - 1 :]).flatten().double().sort().values
+    middle = ordered.numel() // 2
+    return float((ordered[middle - 1] + ordered[middle]) / 2)
+
+
+MARGIN = 1e-6  # every confidence on a compared path is at least this far from the threshold (no tie to round)
 
 
 def test_recompute_with_mixed_routes_equals_the_uncached_reference():
     model, prompt = lego_model(), random_ids(4, 6)
     threshold = mixed_threshold(model, prompt, 12)
-    tokens, logits, shallow = routed_reference(model, prompt, 12, threshold)
+    tokens, logits, shallow, confidences = routed_reference(model, prompt, 12, threshold)
+    assert (confidences - threshold).abs().min() >= MARGIN  # precondition: no step is a tie
     out = generate_early_exit(model, prompt, 12, threshold=threshold, fill="recompute", return_logits=True)
     assert torch.equal(out.shallow, shallow)
     mixed_steps = (out.shallow.any(0) & (~out.shallow).any(0)).sum()
@@ -177,6 +188,9 @@ def test_early_exit_rows_decode_alike_alone_and_in_a_mixed_batch(fill):
     threshold = mixed_threshold(model, prompt, 10)
     batch = generate_early_exit(model, prompt, 10, threshold=threshold, fill=fill, return_logits=True)
     assert batch.shallow.any() and (~batch.shallow).any()
+    with torch.no_grad():  # precondition: along the tokens taken, no shallow confidence is a tie with the threshold
+        shallow = model.forward_exits(batch.tokens[:, :-1], upto=model.shallow_exit)[model.shallow_exit]
+    assert (confidence(shallow[:, prompt.shape[1] - 1 :]) - threshold).abs().min() >= MARGIN
     for row in range(4):
         alone = generate_early_exit(
             model, prompt[row : row + 1], 10, threshold=threshold, fill=fill, return_logits=True

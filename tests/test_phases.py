@@ -74,7 +74,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     stages = [Stage(name="lm", lr=1e-3, max_epochs=3, patience=None)]
     with pytest.raises(SystemExit):
         make_runner(tmp_path, stages, extra_callbacks=lambda: [Kill(at_epoch=2)]).run()
-    (folder,) = (tmp_path / "stages").iterdir()
+    (folder,) = [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]  # (beside it: its lock file)
     last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1 and not (folder / "done.json").exists()
     (result,) = make_runner(tmp_path, stages).run()

@@ -94,7 +94,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     for bucket, ppl in one["val_pos_ppl"].items():
         assert ddp["val_pos_ppl"][bucket] == pytest.approx(ppl, rel=1e-5)
     # Only rank 0 wrote: one metrics.json, one stage folder with one done.json.
-    assert [p.name for p in (tmp_path / "ddp" / "stages").iterdir()][0].startswith("lm-")
+    assert [p.name for p in (tmp_path / "ddp" / "stages").iterdir() if p.is_dir()][0].startswith("lm-")
     assert len(list((tmp_path / "ddp" / "stages").rglob("done.json"))) == 1
 
 

@@ -120,7 +120,7 @@ def test_projection_parameters_at_pythia_70m_shape():
     "kwargs, match",
     [
         (dict(rank=65), r"rank=65 must be in \[1, n_embd=64\]"),
-        (dict(rank=0), r"rank=0 must be in \[1, n_embd=64\]"),
+        (dict(rank=0), r"rank=0: give an int width in \[1, 64\]"),
         (dict(rank=32, compress_k=True, k_rank=49), r"k_rank=49 must be in \[1, 48\].*non-rotary"),
         (dict(rank=32, compress_k=True), r"compress_k=True needs k_rank"),
         (dict(rank=32, k_rank=8), r"compress_k=False"),
@@ -177,6 +177,10 @@ def test_rank_as_a_share_of_the_width():
     cfg = ModelConfig.from_name("pythia-70m", vocab_size=512, attention="vdproj")
     attn = VDProjAttention(cfg, 0, rank=0.625, compress_k=True, k_rank=0.5)
     assert attn.rank == 320 and attn.k_rank == 192  # k: half of 8 x (64 - 16) non-rotary dims
-    assert VDProjAttention(cfg, 0, rank=320.0).rank == 320
-    with pytest.raises(ValueError, match="share"):
-        VDProjAttention(cfg, 0, rank=1.5)
+    assert VDProjAttention(cfg, 0, rank=1.0).rank == 512  # 1.0 is the whole width (a share), not a width of 1
+    assert VDProjAttention(cfg, 0, rank=1).rank == 1
+    for bad in (320.0, 1.5, 0.0, -0.25, 0, True, "320"):  # a float is a share in (0, 1]; an int a width >= 1
+        with pytest.raises(ValueError, match=r"^model\.attention_kwargs\.rank=.*(share|width)"):
+            VDProjAttention(cfg, 0, rank=bad)
+    with pytest.raises(ValueError, match=r"^model\.attention_kwargs\.k_rank=2\.0: a float is a share"):
+        VDProjAttention(cfg, 0, rank=0.5, compress_k=True, k_rank=2.0)

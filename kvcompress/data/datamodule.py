@@ -20,6 +20,7 @@ from kvcompress.data.sources import (
     VAL,
     SplitSource,
     default_cache_dir,
+    load_token_stream,
     load_tokens,
     resolve_source,
 )
@@ -183,6 +184,12 @@ class TokenWindowDataModule(LightningDataModule):
             raise ValueError(
                 f"need seq_len >= 1, batch_size >= 1, num_workers >= 0 (got {seq_len}, {batch_size}, {num_workers})"
             )
+        if eval_batch_size is not None and (
+            isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1
+        ):
+            raise ValueError(
+                f"data.eval_batch_size must be an integer >= 1 (or null: data.batch_size), got {eval_batch_size!r}"
+            )
         if SOURCES[source].hub_id is None and path is None:
             raise ValueError(f"source {source!r} needs path=<a local text or jsonl file>")
         self.save_hyperparameters()
@@ -191,7 +198,7 @@ class TokenWindowDataModule(LightningDataModule):
         self.num_samples = None if num_samples is None else int(num_samples)
         self.val_fraction = float(val_fraction)
         self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.eval_batch_size = int(batch_size if eval_batch_size is None else eval_batch_size)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -289,7 +296,8 @@ class TokenWindowDataModule(LightningDataModule):
         if self.val_dataset is not None:
             return
         tok, splits = self._splits()
-        loaded = {name: load_tokens(split, tok, self.cache_dir) for name, split in splits.items()}
+        streams = {name: load_token_stream(split, tok, self.cache_dir) for name, split in splits.items()}
+        loaded = {name: (stream.tokens, stream.cached) for name, stream in streams.items()}
         n_windows = {name: self._windows(splits[name], tokens) for name, (tokens, _) in loaded.items()}
 
         if ALL in splits:  # one split: choose the windows, then a seeded shuffle sends val_fraction of them to val
@@ -321,9 +329,12 @@ class TokenWindowDataModule(LightningDataModule):
             "source": self.source,
             "seq_len": self.seq_len,
             "tokenizer": tok.source,
+            "tokenizer_sha256": tok.fingerprint,  # (hashed once for the token cache's keys)
             "splits": {
                 name: {
                     "origin": s.origin,
+                    "identity": s.identity,  # the file's sha256 (or the Hub id, config, split, revision)
+                    "tokens_sha256": streams[name].sha256,
                     "tokens": int(loaded[name][0].size),
                     "windows": n_windows[name],
                     "cached": loaded[name][1],

@@ -311,7 +311,7 @@ def cache_path(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathL
     return Path(cache_dir) / "tokens" / f"{name}-{cache_key(split, tok)[:20]}.npy"
 
 
-def _cached_tokens(path: Path) -> np.ndarray | None:
+def _cached_tokens(path: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     """The cached stream at `path` if its metadata (count, dtype, sha256) matches its content; None otherwise.
 
     A damaged cache (truncated, zeroed, random bytes, a missing or foreign `.json`) is reported by name and
@@ -329,7 +329,7 @@ def _cached_tokens(path: Path) -> np.ndarray | None:
             problems.append("content hash differs from the metadata")
         if problems:
             raise ValueError("; ".join(problems))
-        return tokens
+        return tokens, meta
     except Exception as err:  # noqa: BLE001 - any damage means rebuild
         log.warning("token cache %s is damaged (%s: %s); rebuilding it", path, type(err).__name__, err)
         return None
@@ -346,11 +346,24 @@ def _remove_old_temp_files(path: Path, min_age_s: float = 3600) -> None:
 
 def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """The split's token stream and whether it came from the cache (tokenized and cached on a miss or damage)."""
+    stream = load_token_stream(split, tok, cache_dir)
+    return stream.tokens, stream.cached
+
+
+@dataclass
+class TokenStream:
+    tokens: np.ndarray
+    cached: bool  # read from the cache (else tokenized now, and cached)
+    sha256: str  # of the tokens (the cache's recorded hash, verified on every read): the data's content identity
+
+
+def load_token_stream(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.PathLike) -> TokenStream:
+    """`load_tokens` with the tokens' sha256 (verified against the cache's metadata, or computed when tokenizing)."""
     path = cache_path(split, tok, cache_dir)
     if path.is_file() or path.with_suffix(".json").is_file():
-        tokens = _cached_tokens(path)
-        if tokens is not None:
-            return tokens, True
+        cached = _cached_tokens(path)
+        if cached is not None:
+            return TokenStream(cached[0], True, cached[1]["tokens_sha256"])
     _remove_old_temp_files(path)
     log.info("tokenizing %s %s from %s", split.dataset, split.split, split.origin)
     content = split.read()
@@ -375,4 +388,4 @@ def load_tokens(split: SplitSource, tok: TextTokenizer, cache_dir: str | os.Path
     atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False), mode="wb")
     atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
     log.info("cached %d tokens at %s", tokens.size, path)
-    return tokens, False
+    return TokenStream(tokens, False, meta["tokens_sha256"])

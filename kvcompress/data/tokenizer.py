@@ -101,9 +101,19 @@ class TextTokenizer:
         return f"TextTokenizer(name={self.name!r}, source={self.source!r}, vocab_size={self.vocab_size})"
 
 
-@functools.lru_cache(maxsize=8)
 def _from_file(path: str) -> Tokenizer:
-    return Tokenizer.from_file(path)
+    """The tokenizer in `path`, cached while the file is unchanged (another file at the same path is read again)."""
+    stat = os.stat(path)
+    return _from_file_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _from_file_cached(path: str, mtime_ns: int, size: int) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on a bad file
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json ({reason})") from None
 
 
 def local_tokenizer_path(name: str, data_dir_: str | os.PathLike | None = None) -> Path | None:

@@ -30,13 +30,19 @@ from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 __all__ = ["VDProjAttention", "VDProjCache", "projection_parameters"]
 
 
-def as_width(value: int | float, full: int) -> int:
-    """A width given as an int, or as a share of `full` (a float in (0, 1), e.g. 0.625 of 512 = 320)."""
-    if isinstance(value, float) and not value.is_integer():
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"vdproj width {value} must be an int or a share in (0, 1)")
+def as_width(value: int | float, full: int, setting: str = "vdproj width") -> int:
+    """A width: an int is a width >= 1; a float is a share of `full` in (0, 1] (0.625 of 512 = 320; 1.0 = all of
+    it). Anything else (a float > 1 or <= 0, a bool, a string) is refused, naming `setting`."""
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"{setting}={value}: a float is a share of the full width {full} in (0, 1] (1.0 = all {full}); "
+                f"give an int for a width in [1, {full}]"
+            )
         return max(1, round(value * full))
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{setting}={value!r}: give an int width in [1, {full}] or a float share in (0, 1]")
+    return value
 
 
 @register_attention("vdproj")
@@ -55,11 +61,12 @@ class VDProjAttention(Attention):
         compress_k: bool = False,
         k_rank: int | float | None = None,
     ) -> None:
-        """`rank` / `k_rank`: an int is a width; a float in (0, 1) is a share of the full width."""
+        """`rank` / `k_rank`: an int is a width >= 1; a float is a share of the full width in (0, 1] (1.0 = all)."""
         super().__init__(cfg, layer_idx)
         C = cfg.n_embd
-        rank = as_width(rank, C)
-        k_rank = None if k_rank is None else as_width(k_rank, cfg.n_head * (cfg.head_size - cfg.rotary_ndims))
+        rank = as_width(rank, C, "model.attention_kwargs.rank")
+        k_width = cfg.n_head * (cfg.head_size - cfg.rotary_ndims)
+        k_rank = None if k_rank is None else as_width(k_rank, k_width, "model.attention_kwargs.k_rank")
         if not 1 <= rank <= C:
             raise ValueError(
                 f"vdproj rank={rank} must be in [1, n_embd={C}] (V of all heads: n_head={cfg.n_head} x "

@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvcompress.reproduce.protocol import RunSpec
 from kvcompress.utils import atomic_write_json
 
 RUN_FILE = "reproduce.json"  # what the run folder was trained with (its overrides), next to metrics.json
+LOCK_FILE = ".reproduce.lock"  # in the output folder, holding the owner's pid
+log = logging.getLogger("kvcompress.reproduce")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """One reproduce at a time on an output folder: a second one waits for the first (then reuses its finished
+    runs) instead of colliding on its stage locks. An `fcntl` lock, dropped by the kernel when its owner dies."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            log.info(
+                "%s is in use by another reproduce (pid %s): waiting for it to finish, then reusing its runs",
+                out,
+                owner,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def finished(spec: RunSpec) -> bool:

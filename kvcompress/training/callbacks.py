@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from kvcompress.config import require_int
 from kvcompress.evaluation import metrics
 
 DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
@@ -33,6 +34,10 @@ class PositionwisePPL(L.Callback):
         self.last: dict[str, float] = {}
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+
+    def logged_metrics(self) -> list[str]:
+        """What it logs (without the stage prefix), e.g. for a stage's `monitor`."""
+        return [f"val_pos_ppl/{bucket_name(lo, hi)}" for lo, hi in self.buckets]
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
@@ -77,8 +82,12 @@ class AutoregressivePPL(L.Callback):
     with `cache` (logged as `<stage>/val_ar_ppl`): the number a lossy cache is really judged by."""
 
     def __init__(self, cache: str = "native", max_batches: int = 4) -> None:
+        require_int(max_batches, "AutoregressivePPL max_batches", minimum=1)
         self.cache = cache
         self.max_batches = max_batches
+
+    def logged_metrics(self) -> list[str]:
+        return ["val_ar_ppl"]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -109,11 +109,12 @@ class StageLockedError(RuntimeError):
 
 
 class StageLock:
-    """An exclusive `fcntl` lock on `<folder>/.lock`, holding the owner's pid. The kernel drops it when the
-    owner dies (kill -9 included), so a stale lock never blocks a rerun."""
+    """An exclusive `fcntl` lock on `.<folder name>.lock` beside the stage folder, holding the owner's pid (beside,
+    so that a retrained stage folder can replace the finished one by a rename under it). The kernel drops it when
+    the owner dies (kill -9 included), so a stale lock never blocks a rerun."""
 
     def __init__(self, folder: Path, stage: str) -> None:
-        self.path = folder / ".lock"
+        self.path = folder.parent / f".{folder.name}.lock"
         self.stage = stage
         self._fd: int | None = None
 

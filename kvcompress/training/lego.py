@@ -83,6 +83,10 @@ class LegoModule(LMModule):
         self.update_val_metrics(*main, targets, {})
         return {"token_losses": main[0].detach()}
 
+    def val_metric_names(self) -> set[str]:
+        names = {"val_loss", "val_ppl", "val_acc"}
+        return names | {f"val_{kind}_{key.rsplit('_', 1)[0]}" for key in self.exit_metrics for kind in ("ppl", "acc")}
+
     def extra_val_metrics(self) -> dict[str, Tensor]:
         out = {}
         for key, metric in self.exit_metrics.items():

@@ -147,6 +147,14 @@ class LMModule(L.LightningModule):
         for name, value in aux_losses.items():
             self._aux_metric(name).update(value)
 
+    def val_metric_names(self) -> set[str]:
+        """What validation logs (without the stage prefix): what a stage may monitor. The auxiliary losses are those
+        the model emits on a 2-token input."""
+        with torch.no_grad():
+            ids = torch.zeros(1, 2, dtype=torch.long, device=self.net.embed_out.weight.device)
+            aux_losses = self.step(ids)[2]
+        return {"val_loss", "val_ppl", "val_acc", *(f"val_{name}" for name in aux_losses)}
+
     def extra_val_metrics(self) -> dict[str, Tensor]:
         """Hook: more validation metrics, computed (and reset) at each validation end; logged as `<stage>/<name>`."""
         return {}

@@ -13,6 +13,7 @@ import fnmatch
 import functools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from kvcompress.config import require_int
 from kvcompress.models import GPTNeoX
 from kvcompress.models.weights import load_weights, save_weights
 from kvcompress.training.callbacks import PositionwisePPL
@@ -90,12 +92,6 @@ class Stage:
         return fields
 
 
-def require_int(value: Any, setting: str, minimum: int) -> None:
-    """Raise a ValueError naming `setting` unless `value` is an integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{setting} must be an integer >= {minimum}, got {value!r}")
-
-
 def describe(fn: Any) -> str:
     """A process-independent name for a hook or callback factory (a repr would hold a memory address): a function's
     name, a partial's function and arguments, a hook object's class and settings."""
@@ -156,6 +152,9 @@ class PhaseRunner:
     A stage folder holds `checkpoints/{best,last}.ckpt` while it trains and, once finished, `weights.safetensors`
     and `done.json` (relative paths and the weights' sha256). Reuse verifies the hash and recomputes the metrics
     from the weights; anything damaged is reported by name and the stage restarts from its last good state.
+    A finished stage is never destroyed by a retrain (`reuse=False`, or a damaged one): the retrain runs in a
+    sibling folder that replaces it only once finished. `inputs` (content hashes of the data, tokenizer and
+    `init_from`) go into every key, so another file at the same path trains a new stage.
     """
 
     def __init__(
@@ -173,6 +172,7 @@ class PhaseRunner:
         epochs_cap: int | None = None,
         checkpoint_every_n_steps: int | None = None,
         checkpoint_every_minutes: float | None = None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a phase needs at least one stage")
@@ -191,6 +191,8 @@ class PhaseRunner:
         self.make_module = make_module
         self.stage_root = Path(stage_root)
         self.fingerprint = dict(fingerprint)
+        self.inputs = dict(inputs or {})  # content hashes of the files that shape the result (data, tokenizer, ...)
+        self._init_sha256: dict[str, str] = {}  # a stage's own `init` checkpoint: hashed once
         self.reuse = reuse
         self.extra_callbacks = extra_callbacks
         self.loggers = list(loggers)
@@ -207,7 +209,23 @@ class PhaseRunner:
         return rank_zero_only.rank == 0
 
     def stage_key(self, stage: Stage, parent_key: str) -> str:
-        return stable_hash({"stage": stage.key_fields(), "parent": parent_key, "fingerprint": self.fingerprint})
+        """The stage's folder key: its config, its parent's key, the run's fingerprint and the contents of the files
+        that shape it (a changed data file, tokenizer or starting checkpoint gives a new stage)."""
+        contents = {"inputs": content_only(self.inputs), "init": self._init_hash(stage)}
+        return stable_hash(
+            {"stage": stage.key_fields(), "parent": parent_key, "fingerprint": self.fingerprint, **contents}
+        )
+
+    def config_key(self, stage: Stage, parent_config_key: str) -> str:
+        """The key without file contents: stages with the same config but other contents share it."""
+        return stable_hash({"stage": stage.key_fields(), "parent": parent_config_key, "fingerprint": self.fingerprint})
+
+    def _init_hash(self, stage: Stage) -> str | None:
+        if stage.init == "previous":
+            return None
+        if stage.init not in self._init_sha256:
+            self._init_sha256[stage.init] = file_sha256(stage.init)
+        return self._init_sha256[stage.init]
 
     def validate_before_training(self) -> None:
         """Check every stage's patterns on the net up front, so bad config fails before any fit."""
@@ -218,19 +236,21 @@ class PhaseRunner:
 
     def run(self) -> list[StageResult]:
         self.validate_before_training()
-        parent_key = "init"
+        parent_key = parent_config = "init"
         for stage in self.stages:
-            result = self.run_stage(stage, parent_key)
+            result = self.run_stage(stage, parent_key, parent_config)
             self.results.append(result)
-            parent_key = result.key
+            parent_key, parent_config = result.key, self.config_key(stage, parent_config)
         return self.results
 
-    def run_stage(self, stage: Stage, parent_key: str) -> StageResult:
-        key = self.stage_key(stage, parent_key)
+    def run_stage(self, stage: Stage, parent_key: str, parent_config: str = "init") -> StageResult:
+        key, config_key = self.stage_key(stage, parent_key), self.config_key(stage, parent_config)
         folder = (self.stage_root / f"{stage.name}-{key}").resolve()
         self.folder = folder
         # Under DDP every rank runs this; only rank 0 locks and writes, the others read the same files.
         with StageLock(folder, stage.name) if self.is_writer else contextlib.nullcontext():
+            if self.is_writer:
+                finish_interrupted_swap(folder)
             stale = remove_stale_temp_files(folder) if self.is_writer else []
             if stale:
                 log.warning("stage %s: removed temp files of an interrupted write: %s", stage.name, stale)
@@ -238,17 +258,59 @@ class PhaseRunner:
                 load_net_weights(self.net, stage.init)
             trainable, frozen = set_trainable(self.net, stage)
             datamodule = self.make_datamodule(stage.data)
-            if not self.reuse:
-                if self.is_writer and clear_folder(folder):
-                    log.info("stage %s: phase.reuse=false, retraining (cleared %s)", stage.name, folder)
-            else:
+            finished = (folder / DONE).exists()
+            if self.reuse and finished:
                 done = self._verified_done(stage, folder)
                 if done is not None:
                     return self._reuse(stage, key, folder, done, datamodule, trainable, frozen)
-            return self._train(stage, key, folder, datamodule, trainable, frozen)
+            elif finished:
+                log.info("stage %s: phase.reuse=false, retraining beside the finished stage %s", stage.name, folder)
+            else:
+                self._log_changed_inputs(stage, config_key)
+            if not finished:  # (phase.reuse=false restarts an interrupted stage; else it resumes)
+                if not self.reuse and self.is_writer and clear_folder(folder):
+                    log.info("stage %s: phase.reuse=false, restarting the unfinished stage %s", stage.name, folder)
+                return self._train(stage, key, folder, datamodule, trainable, frozen, config_key)
+            # A finished stage is never destroyed by a retrain that fails: train into a fresh sibling folder and
+            # put it in place (renames) only once it is finished.
+            fresh = sibling(folder, FRESH)
+            if self.is_writer:
+                remove_tree(fresh)
+            self.folder = fresh
+            result = self._train(stage, key, fresh, datamodule, trainable, frozen, config_key)
+            if self.is_writer:
+                replace_folder(fresh, folder)
+            self.folder = folder
+            result.weights = str(folder / WEIGHTS)
+            return result
+
+    def _log_changed_inputs(self, stage: Stage, config_key: str) -> None:
+        """One line when a finished stage with this config but other file contents exists: which file changed."""
+        for done_file in sorted(self.stage_root.glob(f"{stage.name}-*/{DONE}")):
+            try:
+                done = json.loads(done_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(done, dict) and done.get("config_key") == config_key:
+                changes = changed_inputs(done.get("inputs") or {}, self.inputs)
+                if changes:
+                    log.warning(
+                        "stage %s: %s changed since the finished stage %s; training a new stage",
+                        stage.name,
+                        "; ".join(changes),
+                        done_file.parent,
+                    )
+                    return
 
     def _train(
-        self, stage: Stage, key: str, folder: Path, datamodule: L.LightningDataModule, trainable: int, frozen: int
+        self,
+        stage: Stage,
+        key: str,
+        folder: Path,
+        datamodule: L.LightningDataModule,
+        trainable: int,
+        frozen: int,
+        config_key: str = "",
     ) -> StageResult:
         ckpt_dir = folder / "checkpoints"
         resume_from = self._resume_point(stage, ckpt_dir)
@@ -294,6 +356,7 @@ class PhaseRunner:
         save_weights(self.net.state_dict(), weights)
         if best.best_model_path:
             done = {**asdict(result), "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}
+            done.update(config_key=config_key, inputs=self.inputs)
             atomic_write_json(folder / DONE, done)
         return result
 
@@ -326,9 +389,13 @@ class PhaseRunner:
             load_net_weights(self.net, weights)
             return done
         except Exception as err:  # noqa: BLE001 - missing, corrupt, tampered: retrain
-            log.warning("stage %s: finished stage %s cannot be trusted (%s); retraining it", stage.name, done_file, err)
-            if self.is_writer:
-                clear_folder(folder)
+            log.warning(
+                "stage %s: finished stage %s cannot be trusted (%s); retraining it beside (it is replaced once the "
+                "new one is finished)",
+                stage.name,
+                done_file,
+                err,
+            )
             return None
 
     def _reuse(
@@ -416,10 +483,82 @@ def log_step(trainer: L.Trainer) -> int:
 
 
 def clear_folder(folder: Path) -> bool:
-    """Remove everything in a stage folder but its lock; True if anything was there."""
+    """Remove everything in a stage folder (an unfinished one: a finished stage is replaced by `replace_folder`);
+    True if anything was there."""
     if not folder.is_dir():
         return False
-    entries = [p for p in folder.iterdir() if p.name != ".lock"]
+    entries = list(folder.iterdir())
     for p in entries:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return bool(entries)
+
+
+FRESH, REPLACED = ".new", ".old"  # a retrain's folder, and the finished one it replaces, beside the stage folder
+
+
+def sibling(folder: Path, tag: str) -> Path:
+    return folder.with_name(f".{folder.name}{tag}")
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_folder(fresh: Path, folder: Path) -> None:
+    """Put the finished `fresh` folder in the place of `folder` by two renames, then remove the old one. A kill
+    between the renames is completed by `finish_interrupted_swap` on the next start (under the stage lock)."""
+    old = sibling(folder, REPLACED)
+    remove_tree(old)
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(fresh, folder)
+    remove_tree(old)
+
+
+def finish_interrupted_swap(folder: Path) -> None:
+    """After a kill inside `replace_folder`: the finished new folder (else the old one) takes the stage's place;
+    leftovers (a retrain killed before it finished, an old folder not yet removed) are removed."""
+    fresh, old = sibling(folder, FRESH), sibling(folder, REPLACED)
+    if not folder.exists():
+        for candidate in (fresh, old):
+            if (candidate / DONE).is_file():
+                log.warning("stage folder %s: completing an interrupted replacement from %s", folder, candidate)
+                os.rename(candidate, folder)
+                break
+    for leftover in (fresh, old):
+        remove_tree(leftover)
+
+
+def content_only(inputs: Any) -> Any:
+    """The inputs record without where the files are (`origin`, `source`, `path`): keys depend on contents only."""
+    if isinstance(inputs, Mapping):
+        return {k: content_only(v) for k, v in inputs.items() if k not in ("origin", "source", "path")}
+    return inputs
+
+
+def changed_inputs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """'data.train (<file>): sha256 1a2b3c4d5e6f -> 9f8e7d6c5b4a' for each input whose contents differ."""
+
+    def digest(entry: Any) -> str:
+        if isinstance(entry, Mapping):
+            hashes = [str(v) for k, v in entry.items() if k.endswith("sha256") and v]
+            return hashes[0][:12] if hashes else stable_hash(content_only(entry))
+        return "none" if entry is None else stable_hash(entry)
+
+    items: list[tuple[str, Any, Any]] = []
+    for group in sorted(set(old) | set(new)):
+        a, b = old.get(group), new.get(group)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and group == "data":
+            items += [(f"data.{s}", a.get(s), b.get(s)) for s in sorted(set(a) | set(b))]
+        else:
+            items.append((group, a, b))
+    out = []
+    for name, a, b in items:
+        if content_only(a) != content_only(b):
+            entry = b if isinstance(b, Mapping) else a if isinstance(a, Mapping) else {}
+            where = next((str(entry[k]) for k in ("origin", "source", "path") if entry.get(k)), "")
+            out.append(f"{name}{f' ({where})' if where else ''}: sha256 {digest(a)} -> {digest(b)}")
+    return out
