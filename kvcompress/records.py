@@ -145,14 +145,24 @@ def _split_used(origin: str) -> str:
 
 
 def data_record(info: dict[str, Any]) -> dict[str, Any]:
-    """Per split (train, validation): source, file or Hub id, split used, tokens and windows (available / used),
-    and `train_on_test` (offline WikiText-2 trains on test.txt: a report made that way must say so).
+    """Per split (train, validation): source, file or Hub id, split used, tokens and windows (available / asked /
+    used / short of what was asked), the sha256 of the window ids used; the tokenizer's sha256, the seeds that chose
+    the windows (`eval_seed` the validation windows, `seed` the training ones), and `train_on_test` (offline
+    WikiText-2 trains on test.txt: a report made that way must say so).
 
     `info` is `TokenWindowDataModule.info` after `setup()`."""
     splits = info.get("splits", {})
     seq_window = int(info.get("seq_len", 0)) + 1
     used = {"train": info.get("train_windows"), "validation": info.get("val_windows")}
-    out: dict[str, Any] = {"source": info.get("source"), "tokenizer": info.get("tokenizer"), "splits": {}}
+    out: dict[str, Any] = {
+        "source": info.get("source"),
+        "tokenizer": info.get("tokenizer"),
+        "tokenizer_sha256": info.get("tokenizer_sha256"),
+        "seq_len": info.get("seq_len"),
+        "seed": info.get("seed"),
+        "eval_seed": info.get("eval_seed"),
+        "splits": {},
+    }
     for name, n_used in used.items():
         split = splits.get(name) or splits.get("all") or {}
         origin = str(split.get("origin", ""))
@@ -166,8 +176,10 @@ def data_record(info: dict[str, Any]) -> dict[str, Any]:
             "windows": split.get("windows"),
             "windows_used": n_used,
             "tokens_used": None if n_used is None else n_used * seq_window,
+            **(info.get("selected") or {}).get(name, {}),  # windows_asked, windows_short_by, window_ids_sha256
         }
     out["train_on_test"] = out["splits"]["train"]["split_used"] == "test"
+    out["windows_short_by"] = sum(int(s.get("windows_short_by") or 0) for s in out["splits"].values())
     return out
 
 
