@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -25,14 +24,9 @@ from kvcompress.data.sources import (
     resolve_source,
 )
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, TextTokenizer, load_tokenizer
+from kvcompress.utils import window_ids_sha256
 
 log = logging.getLogger(__name__)
-
-
-def window_ids_sha256(ids: Sequence[int] | np.ndarray) -> str:
-    """sha256 of window ids as little-endian int64 bytes, in their order: two runs scored the same windows (of
-    the same split, seq_len and tokenizer) when these agree."""
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(ids, dtype="<i8")).tobytes()).hexdigest()
 
 
 class TokenWindowDataset(Dataset):
