@@ -26,6 +26,14 @@ PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "to
 # Overrides that say where a run writes, not what it is: left out of W&B run names.
 FAILURE_FILE = "failure.txt"  # why a run failed, in its own folder (written by the run guard, read by the summary)
 _NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.enable_progress_bar", "print_config", "tags")
+# Trainer settings that do not change what a run learns (left out of stage keys and of result configs).
+COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
+# Top-level config keys that say where a run writes or how it shows itself, not what it computes (mid-epoch
+# checkpoints too: resuming is exact); `seed` is set aside where runs are grouped as seeds of one configuration.
+NOT_RESULT_KEYS = ("seed", "paths", "logger", "task_name", "print_config", "tags", "checkpoint")
+COSMETIC_CALLBACKS = ("progress_bar", "lr_monitor", "model_summary", "rich_model_summary")
+# Data settings that change no number (`seed` is the run's seed; the origins of the data are recorded apart).
+NOT_RESULT_DATA_KEYS = ("seed", "eval_batch_size", "num_workers", "pin_memory", "cache_dir", "data_dir")
 
 
 def task_overrides() -> list[str]:
@@ -195,6 +203,36 @@ def run_record(cfg: DictConfig, data_info: dict[str, Any], accelerator: str) -> 
         "code": git_state(),
         "versions": package_versions(),
         "device": device_record(accelerator),
+    }
+
+
+def result_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a recorded resolved config (metrics.json `config`) that changes a run's numbers, seed aside:
+    everything but `NOT_RESULT_KEYS`, cosmetic trainer keys and callbacks, and `NOT_RESULT_DATA_KEYS`. An evaluation run (`python -m kvcompress.eval`) is named by what it evaluates,
+    not by the path of its weights (one path a seed): its `ckpt_path` and `model.init_from` are left out too."""
+    out = {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}
+    if isinstance(out.get("callbacks"), dict):
+        out["callbacks"] = {k: v for k, v in out["callbacks"].items() if k not in COSMETIC_CALLBACKS}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in NOT_RESULT_DATA_KEYS}
+    if config.get("task_name") == "eval":
+        out.pop("ckpt_path", None)
+        if isinstance(out.get("model"), dict):
+            out["model"] = {k: v for k, v in out["model"].items() if k != "init_from"}
+    return out
+
+
+def data_identity(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run's data is, from its metrics.json: the data settings that choose windows and tokens (all but
+    `NOT_RESULT_DATA_KEYS` and the batch size), the origin of each split, and the tokenizer's hash."""
+    data = metrics.get("data") or {}
+    config = (metrics.get("config") or {}).get("data") or {}
+    return {
+        "config": {k: v for k, v in config.items() if k not in (*NOT_RESULT_DATA_KEYS, "batch_size")},
+        "origins": {name: split.get("origin") for name, split in (data.get("splits") or {}).items()},
+        "tokenizer_sha256": data.get("tokenizer_sha256"),
     }
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvcompress.config import EvalConfig
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
-from kvcompress.records import FAILURE_FILE, register_resolvers, run_record
+from kvcompress.records import COSMETIC_TRAINER_KEYS, FAILURE_FILE, register_resolvers, run_record
 from kvcompress.utils import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# Trainer settings that do not change what a stage learns (left out of stage keys).
-COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
 # Errors of bad input, raised before anything trains: reported in one line, without a traceback.
 INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, InstantiationException)
 Job = Callable[["PreparedRun"], dict[str, Any]]

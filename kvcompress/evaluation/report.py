@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +311,11 @@ def log_to_wandb(written: dict[str, Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from kvcompress.evaluation.compare import main as compare_main
+
+        return compare_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m kvcompress.report", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="run or multirun folders (searched for metrics.json)")
     p.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")

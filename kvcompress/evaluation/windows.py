@@ -38,6 +38,7 @@ __all__ = [
     "add_window_losses",
     "buckets_of",
     "group_ids",
+    "ids_of",
     "load_windows",
     "metric_tensor",
     "window_meta",
