@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -86,8 +86,8 @@ class ContextCheckConfig:
 
     enabled: bool = False
     window: int = 16
-    positions: Optional[List[int]] = None  # noqa: UP006, UP045 - OmegaConf reads typing's spelling
-    max_batches: Optional[int] = None  # noqa: UP045
+    positions: list[int] | None = None
+    max_batches: int | None = None
 
     def span(self, seq_len: int) -> tuple[int, int]:
         """The loss positions [lo, hi) for windows of `seq_len` positions; a ValueError naming the setting when

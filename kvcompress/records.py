@@ -208,8 +208,9 @@ def run_record(cfg: DictConfig, data_info: dict[str, Any], accelerator: str) -> 
 
 def result_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a recorded resolved config (metrics.json `config`) that changes a run's numbers, seed aside:
-    everything but `NOT_RESULT_KEYS`, cosmetic trainer keys and callbacks, and `NOT_RESULT_DATA_KEYS`. An evaluation run (`python -m kvcompress.eval`) is named by what it evaluates,
-    not by the path of its weights (one path a seed): its `ckpt_path` and `model.init_from` are left out too."""
+    everything but `NOT_RESULT_KEYS`, cosmetic trainer keys and callbacks, and `NOT_RESULT_DATA_KEYS`. An
+    evaluation run (`python -m kvcompress.eval`) is named by what it evaluates, not by the path of its weights (one
+    path a seed): its `ckpt_path` and `model.init_from` are left out too."""
     out = {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
-import torch
 import numpy as np
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from kvcompress.evaluation import metrics
