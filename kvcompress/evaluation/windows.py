@@ -41,6 +41,8 @@ __all__ = [
     "ids_of",
     "load_windows",
     "metric_tensor",
+    "names",
+    "window_losses",
     "window_meta",
     "write_windows",
 ]
