@@ -95,6 +95,41 @@ class ReversalConfig:
 
 
 @dataclass
+class ContextCheckConfig:
+    """Does the model use context beyond its last `window` tokens? On the validation windows (the first
+    `max_batches` batches; null: all), the mean loss at loss positions [lo, hi) of `positions` (position p predicts
+    token p + 1; null: the last quarter of the window) with the full context, and with only the last `window`
+    tokens (the sub-window `ids[p - window + 1 : p + 2]`, re-run from position 0: with rotary positions, standard
+    attention scores it as at position p). metrics.json `context_check`, windows.safetensors `context:*`."""
+
+    enabled: bool = False
+    window: int = 16
+    positions: list[int] | None = None
+    max_batches: int | None = None
+
+    def span(self, seq_len: int) -> tuple[int, int]:
+        """The loss positions [lo, hi) for windows of `seq_len` positions; a ValueError naming the setting when
+        the settings do not fit them."""
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"eval.context_check.window must be an integer >= 1, got {self.window!r}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"eval.context_check.max_batches must be null or >= 1, got {self.max_batches!r}")
+        if self.positions is None:
+            lo, hi = seq_len - seq_len // 4, seq_len
+        elif len(self.positions) != 2:
+            raise ValueError(f"eval.context_check.positions must be [lo, hi] or null, got {list(self.positions)}")
+        else:
+            lo, hi = int(self.positions[0]), min(int(self.positions[1]), seq_len)
+        if not self.window <= lo < hi:
+            raise ValueError(
+                f"eval.context_check.positions [{lo}, {hi}) (clipped to seq_len={seq_len}) must be a non-empty range "
+                f"starting at or after eval.context_check.window={self.window} (earlier positions have no context "
+                "to cut)"
+            )
+        return lo, hi
+
+
+@dataclass
 class EvalConfig:
     """After training: measured cache size, decode speed and optional extra evaluations."""
 
@@ -102,6 +137,7 @@ class EvalConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
+    context_check: ContextCheckConfig = field(default_factory=ContextCheckConfig)
     # More caches to measure side by side: kinds' names or {name, kwargs, label}, e.g. [kv, {name: int4, kwargs:
     # {group_size: 16}}]; each gets its own settings (CacheConfig.parse).
     caches: list[Any] = field(default_factory=list)

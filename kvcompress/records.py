@@ -27,6 +27,14 @@ PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "to
 # Overrides that say where a run writes, not what it is: left out of W&B run names.
 FAILURE_FILE = "failure.txt"  # why a run failed, in its own folder (written by the run guard, read by the summary)
 _NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.enable_progress_bar", "print_config", "tags")
+# Trainer settings that do not change what a run learns (left out of stage keys and of result configs).
+COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
+# Top-level config keys that say where a run writes or how it shows itself, not what it computes (mid-epoch
+# checkpoints too: resuming is exact); `seed` is set aside where runs are grouped as seeds of one configuration.
+NOT_RESULT_KEYS = ("seed", "paths", "logger", "task_name", "print_config", "tags", "checkpoint")
+COSMETIC_CALLBACKS = ("progress_bar", "lr_monitor", "model_summary", "rich_model_summary")
+# Data settings that change no number (`seed` is the run's seed; the origins of the data are recorded apart).
+NOT_RESULT_DATA_KEYS = ("seed", "eval_batch_size", "num_workers", "pin_memory", "cache_dir", "data_dir")
 
 
 def task_overrides() -> list[str]:
@@ -146,14 +154,24 @@ def _split_used(origin: str) -> str:
 
 
 def data_record(info: dict[str, Any]) -> dict[str, Any]:
-    """Per split (train, validation): source, file or Hub id, split used, tokens and windows (available / used),
-    and `train_on_test` (offline WikiText-2 trains on test.txt: a report made that way must say so).
+    """Per split (train, validation): source, file or Hub id, split used, tokens and windows (available / asked /
+    used / short of what was asked), the sha256 of the window ids used; the tokenizer's sha256, the seeds that chose
+    the windows (`eval_seed` the validation windows, `seed` the training ones), and `train_on_test` (offline
+    WikiText-2 trains on test.txt: a report made that way must say so).
 
     `info` is `TokenWindowDataModule.info` after `setup()`."""
     splits = info.get("splits", {})
     seq_window = int(info.get("seq_len", 0)) + 1
     used = {"train": info.get("train_windows"), "validation": info.get("val_windows")}
-    out: dict[str, Any] = {"source": info.get("source"), "tokenizer": info.get("tokenizer"), "splits": {}}
+    out: dict[str, Any] = {
+        "source": info.get("source"),
+        "tokenizer": info.get("tokenizer"),
+        "tokenizer_sha256": info.get("tokenizer_sha256"),
+        "seq_len": info.get("seq_len"),
+        "seed": info.get("seed"),
+        "eval_seed": info.get("eval_seed"),
+        "splits": {},
+    }
     for name, n_used in used.items():
         split = splits.get(name) or splits.get("all") or {}
         origin = str(split.get("origin", ""))
@@ -167,8 +185,10 @@ def data_record(info: dict[str, Any]) -> dict[str, Any]:
             "windows": split.get("windows"),
             "windows_used": n_used,
             "tokens_used": None if n_used is None else n_used * seq_window,
+            **(info.get("selected") or {}).get(name, {}),  # windows_asked, windows_short_by, window_ids_sha256
         }
     out["train_on_test"] = out["splits"]["train"]["split_used"] == "test"
+    out["windows_short_by"] = sum(int(s.get("windows_short_by") or 0) for s in out["splits"].values())
     return out
 
 
@@ -184,6 +204,37 @@ def run_record(cfg: DictConfig, data_info: dict[str, Any], accelerator: str) -> 
         "code": git_state(),
         "versions": package_versions(),
         "device": device_record(accelerator),
+    }
+
+
+def result_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a recorded resolved config (metrics.json `config`) that changes a run's numbers, seed aside:
+    everything but `NOT_RESULT_KEYS`, cosmetic trainer keys and callbacks, and `NOT_RESULT_DATA_KEYS`. An
+    evaluation run (`python -m kvcompress.eval`) is named by what it evaluates, not by the path of its weights (one
+    path a seed): its `ckpt_path` and `model.init_from` are left out too."""
+    out = {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in COSMETIC_TRAINER_KEYS}
+    if isinstance(out.get("callbacks"), dict):
+        out["callbacks"] = {k: v for k, v in out["callbacks"].items() if k not in COSMETIC_CALLBACKS}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in NOT_RESULT_DATA_KEYS}
+    if config.get("task_name") == "eval":
+        out.pop("ckpt_path", None)
+        if isinstance(out.get("model"), dict):
+            out["model"] = {k: v for k, v in out["model"].items() if k != "init_from"}
+    return out
+
+
+def data_identity(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run's data is, from its metrics.json: the data settings that choose windows and tokens (all but
+    `NOT_RESULT_DATA_KEYS` and the batch size), the origin of each split, and the tokenizer's hash."""
+    data = metrics.get("data") or {}
+    config = (metrics.get("config") or {}).get("data") or {}
+    return {
+        "config": {k: v for k, v in config.items() if k not in (*NOT_RESULT_DATA_KEYS, "batch_size")},
+        "origins": {name: split.get("origin") for name, split in (data.get("splits") or {}).items()},
+        "tokenizer_sha256": data.get("tokenizer_sha256"),
     }
 
 

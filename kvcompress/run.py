@@ -5,7 +5,8 @@
 - `train_stages(run)`: every stage (the phase runner), then `end_of_run`; `train(cfg)` is `prepare` + this.
 - `evaluate_weights(run)`: one validation of the last stage's module, then `end_of_run` (the eval entry point).
 - `end_of_run`: the end-of-run evaluation (`kvcompress.evaluation`) joined with the run record, logged and written
-  to `metrics.json`.
+  to `metrics.json`; the per-window losses (final validation, autoregressive caches, context check) to
+  `windows.safetensors` (`kvcompress.evaluation.windows`).
 - `run_guarded(cfg, job)`: lightning-hydra-template's task wrapper: bad input is one line and exit code 1, every
   failure goes to train.log, W&B is always closed, a failed multirun job is recorded and the sweep goes on.
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvcompress.config import EvalConfig, require_int
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, DataUnavailableError, load_tokenizer
-from kvcompress.records import FAILURE_FILE, check_targets, register_resolvers, run_record
+from kvcompress.records import COSMETIC_TRAINER_KEYS, FAILURE_FILE, check_targets, register_resolvers, run_record
 from kvcompress.records import RefusedOverride as RefusedOverride  # what eval composes from a run folder (re-exported)
 from kvcompress.records import quoted_override as quoted_override
 from kvcompress.records import run_folder_overrides as run_folder_overrides
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# Trainer settings that do not change what a stage learns (left out of stage keys).
-COSMETIC_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary", "default_root_dir"}
 # Errors of bad input, raised before anything trains: reported in one line, without a traceback.
 INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, InstantiationException)
 Job = Callable[["PreparedRun"], dict[str, Any]]
@@ -195,6 +194,8 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
         )
     for cache in eval_cfg.all_caches().values():  # raises if a kind cannot serve the model or its settings are bad
         net.build_caches(1, 2, kind=cache.name, **cache.kwargs)
+    if eval_cfg.context_check.enabled:
+        eval_cfg.context_check.span(seq_len)
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
         raise ValueError(
             "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "
@@ -380,7 +381,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
         if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
             status = "success"
             return metrics
-        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=runner.step)
+        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=runner.step, windows=runner.windows)
         status = "success"
         return metrics
     finally:
@@ -431,17 +432,26 @@ def end_of_run(
     loggers: list[Logger],
     extra_evaluations: dict[str, Any],
     step: int,
+    windows: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The end-of-run evaluation joins `metrics` with the run record; logged as `eval/*`, written to metrics.json."""
+    """The end-of-run evaluation joins `metrics` with the run record; logged as `eval/*`, written to metrics.json.
+    `windows`, the final validation's per-window losses, gets the evaluation's and goes to windows.safetensors
+    (written before metrics.json: a run with a metrics.json has its records)."""
     from kvcompress.evaluation.evaluate import evaluate
+    from kvcompress.evaluation.metrics import DEFAULT_BUCKETS
+    from kvcompress.evaluation.windows import buckets_of
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
     eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
-    evaluation = evaluate(net.to(run.accelerator), datamodule, eval_cfg)
+    records = dict(windows) if windows and "ids" in windows else None
+    buckets = buckets_of(records or {}) or list(DEFAULT_BUCKETS)
+    evaluation = evaluate(net.to(run.accelerator), datamodule, eval_cfg, windows=records, buckets=buckets)
     for name, extra in extra_evaluations.items():
         evaluation[name] = extra(net=net, datamodule=datamodule)
     metrics.update(evaluation)
     metrics.update(record)
+    if records is not None:
+        metrics["windows"] = write_window_records(Path(cfg.paths.output_dir), records, record, cfg, buckets)
     for logger in loggers:
         logger.log_metrics({f"eval/{k}": v for k, v in _flatten(evaluation).items()}, step=step)
         logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
@@ -449,6 +459,33 @@ def end_of_run(
     atomic_write_json(path, metrics)
     log.info("metrics written to %s", path)
     return metrics
+
+
+def write_window_records(
+    folder: Path, records: dict[str, Any], record: dict[str, Any], cfg: DictConfig, buckets: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """`windows.safetensors` with its provenance; returns its summary for metrics.json (`windows`)."""
+    import json
+
+    from kvcompress.evaluation.windows import FILE, names, write_windows
+    from kvcompress.utils import window_ids_sha256
+
+    data = record.get("data") or {}
+    meta = {
+        "data_origin": ((data.get("splits") or {}).get("validation") or {}).get("origin"),
+        "tokenizer_sha256": data.get("tokenizer_sha256"),
+        "seq_len": str(cfg.data.get("seq_len")),
+        "seed": str(cfg.seed),
+        "eval_seed": str(data.get("eval_seed")),
+        "buckets": json.dumps([list(b) for b in buckets]),
+    }
+    write_windows(folder, records, meta)
+    return {
+        "file": FILE,
+        "n_windows": len(records["ids"]),
+        "window_ids_sha256": window_ids_sha256(records["ids"]),
+        "tensors": names(records),
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -461,7 +498,7 @@ def evaluate_weights(run: PreparedRun) -> dict[str, Any]:
     metrics.json (`python -m kvcompress.eval`)."""
     from hydra.utils import instantiate
 
-    from kvcompress.training.phases import validate, validation_callbacks
+    from kvcompress.training.phases import validate, validation_callbacks, validation_windows
 
     cfg, net = run.cfg, run.net
     record, loggers = start_records(run)
@@ -476,7 +513,8 @@ def evaluate_weights(run: PreparedRun) -> dict[str, Any]:
             **validate(trainer, module, run.datamodule, stage),
             "params": {"total": net.num_parameters()},
         }
-        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=0)
+        windows = validation_windows(trainer)
+        end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=0, windows=windows)
         status = "success"
         return metrics
     finally:

@@ -124,6 +124,14 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def window_ids_sha256(ids: Any) -> str:
+    """sha256 of window ids (a sequence of ints) as little-endian int64 bytes, in their order: two runs scored the
+    same windows (of the same split, seq_len and tokenizer) when these agree."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(ids, dtype="<i8")).tobytes()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

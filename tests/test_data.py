@@ -124,7 +124,19 @@ def test_counts_split_and_seeds(tmp_path, tiny_tokenizer):
     assert torch.equal(b1, b2)  # seeded shuffle
     other = local_dm(tmp_path, tiny_tokenizer, path, num_samples=20, val_fraction=0.1, seed=1)
     other.setup("fit")
-    assert not np.array_equal(other.val_dataset.indices, dm.val_dataset.indices)
+    # The validation windows are chosen by eval_seed alone: the same for every training seed; training windows
+    # are drawn from the rest by the seed.
+    assert np.array_equal(other.val_dataset.indices, dm.val_dataset.indices)
+    assert not np.array_equal(other.base_train_dataset.indices, dm.base_train_dataset.indices)
+    for run in (dm, other):
+        assert not set(run.val_dataset.indices) & set(run.base_train_dataset.indices)
+    assert (
+        other.info["selected"]["validation"]["window_ids_sha256"]
+        == dm.info["selected"]["validation"]["window_ids_sha256"]
+    )
+    moved = local_dm(tmp_path, tiny_tokenizer, path, num_samples=20, val_fraction=0.1, eval_seed=1)
+    moved.setup("fit")
+    assert not np.array_equal(moved.val_dataset.indices, dm.val_dataset.indices)
 
 
 def test_fewer_windows_than_asked_uses_all_and_warns(tmp_path, tiny_tokenizer, caplog):

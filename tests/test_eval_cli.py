@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from kvcompress.evaluation.windows import load_windows
 
 SMOKE = ["debug=smoke", "logger=csv", "print_config=false", "data=local"]
 
@@ -76,6 +79,12 @@ def test_eval_reproduces_the_runs_val_ppl_exactly(smoke_run: Path, corpus: Path,
     assert evaluated["ckpt_path"].endswith(args[0].split("=", 1)[1])
     assert all(key in evaluated for key in SAME_SCHEMA)
     assert evaluated["cache"]["bytes_per_token"] == trained["cache"]["bytes_per_token"]
+    # Per-window records: the same windows and losses as the training run's final validation.
+    mine, theirs = load_windows(out), load_windows(smoke_run)
+    assert mine.keys() == theirs.keys() and len(mine["ids"]) == 10
+    for name in ("ids", "val", "bucket:0-16", "bucket:16-32"):
+        np.testing.assert_array_equal(mine[name], theirs[name])
+    assert evaluated["windows"]["window_ids_sha256"] == trained["data"]["splits"]["validation"]["window_ids_sha256"]
     assert list((out / "csv").glob("**/metrics.csv")) or list(out.glob("**/metrics.csv"))  # logged like training
 
 

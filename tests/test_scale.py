@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -93,6 +94,16 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
         assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
     for bucket, ppl in one["val_pos_ppl"].items():
         assert ddp["val_pos_ppl"][bucket] == pytest.approx(ppl, rel=1e-5)
+    # Per-window records gathered over the ranks: every window once, as one process scores it.
+    from kvcompress.evaluation.windows import load_windows
+
+    records = [load_windows(tmp_path / name / "run") for name in ("ddp", "one")]
+    assert (
+        records[0].keys() == records[1].keys()
+        and len(records[0]["ids"]) == ddp["data"]["splits"]["validation"]["windows_used"]
+    )
+    for name in records[1]:
+        np.testing.assert_allclose(records[0][name], records[1][name], rtol=1e-5, err_msg=name)
     # Only rank 0 wrote: one metrics.json, one stage folder with one done.json.
     assert [p.name for p in (tmp_path / "ddp" / "stages").iterdir() if p.is_dir()][0].startswith("lm-")
     assert len(list((tmp_path / "ddp" / "stages").rglob("done.json"))) == 1

@@ -25,6 +25,7 @@ from kvcompress.data.sources import (
     resolve_source,
 )
 from kvcompress.data.tokenizer import DEFAULT_TOKENIZER, TextTokenizer, load_tokenizer
+from kvcompress.utils import window_ids_sha256
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,15 @@ class TokenWindowDataModule(LightningDataModule):
     A local copy under `data_dir` (default `$KVCOMPRESS_DATA_DIR`) is used without asking the Hub; offline
     WikiText-2 trains on test.txt and validates on valid.txt. `num_samples` windows in total (None: all),
     `val_fraction` of them for validation; with a validation split the counts are taken from each split (capped,
-    with a warning, by what exists), otherwise the windows are split by a seeded shuffle. Token streams are cached
-    in `cache_dir` (default `$KVCOMPRESS_CACHE_DIR` or ~/.cache/kvcompress).
+    with a warning, by what exists). `num_val_windows` asks for a fixed number of validation windows whatever
+    `num_samples` says (the training count stays `num_samples - round(num_samples * val_fraction)`, or every
+    remaining window when `num_samples` is None).
+
+    The validation windows are chosen by `eval_seed`, not by `seed`, so every run of a table (every seed and every
+    row) is scored on the same windows; with one split (the Pile, a local file) they are drawn first, by
+    `eval_seed`, and the training windows then by `seed` from the rest. `info` records the sha256 of the window
+    ids of each split and how many windows were asked for and not found (`windows_short_by`). Token streams are
+    cached in `cache_dir` (default `$KVCOMPRESS_CACHE_DIR` or ~/.cache/kvcompress).
 
     Nothing is loaded before `prepare_data()` / `setup()`; `setup("fit")` raises every data error before training.
     """
@@ -165,6 +173,8 @@ class TokenWindowDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        eval_seed: int = 0,
+        num_val_windows: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         data_dir: str | os.PathLike | None = None,
         tokenizer: str = DEFAULT_TOKENIZER,
@@ -190,6 +200,11 @@ class TokenWindowDataModule(LightningDataModule):
             raise ValueError(
                 f"data.eval_batch_size must be an integer >= 1 (or null: data.batch_size), got {eval_batch_size!r}"
             )
+        for name, value in (("eval_seed", eval_seed), ("num_val_windows", num_val_windows)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}")
+        if num_val_windows == 0:
+            raise ValueError("data.num_val_windows must be null (from num_samples and val_fraction) or >= 1, got 0")
         if SOURCES[source].hub_id is None and path is None:
             raise ValueError(f"source {source!r} needs path=<a local text or jsonl file>")
         self.save_hyperparameters()
@@ -201,6 +216,8 @@ class TokenWindowDataModule(LightningDataModule):
         self.eval_batch_size = int(batch_size if eval_batch_size is None else eval_batch_size)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
+        self.eval_seed = int(eval_seed)
+        self.fixed_val_windows = None if num_val_windows is None else int(num_val_windows)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.data_dir = data_dir
         self.tokenizer_name = tokenizer
@@ -267,26 +284,39 @@ class TokenWindowDataModule(LightningDataModule):
             )
         return n
 
-    def _pick(self, split: SplitSource, n_avail: int, n_want: int | None, stream: int) -> np.ndarray:
-        """`n_want` of the `n_avail` windows (seeded choice, in stream order); all of them when fewer exist."""
-        if n_want is None or n_want >= n_avail:
-            if n_want is not None and n_want > n_avail:
-                log.warning(
-                    "%s %s (%s): %d windows of %d tokens were asked for (num_samples=%s, val_fraction=%s) but only "
-                    "%d exist; using all %d",
-                    split.dataset,
-                    split.split,
-                    split.origin,
-                    n_want,
-                    self.window,
-                    self.num_samples,
-                    self.val_fraction,
-                    n_avail,
-                    n_avail,
-                )
-            return np.arange(n_avail)
-        rng = np.random.default_rng([self.seed % 2**32, stream])
-        return np.sort(rng.permutation(n_avail)[:n_want])
+    def _warn_short(self, split: SplitSource, n_want: int, n_got: int, n_exist: int) -> None:
+        log.warning(
+            "%s %s (%s): %d windows of %d tokens were asked for (num_samples=%s, val_fraction=%s, "
+            "num_val_windows=%s) but only %d exist in the split; using %d (metrics.json: "
+            "data.splits.*.windows_short_by)",
+            split.dataset,
+            split.split,
+            split.origin,
+            n_want,
+            self.window,
+            self.num_samples,
+            self.val_fraction,
+            self.fixed_val_windows,
+            n_exist,
+            n_got,
+        )
+
+    def _pick(
+        self, split: SplitSource, candidates: np.ndarray, n_want: int | None, seed: int, stream: int, n_exist: int
+    ) -> np.ndarray:
+        """`n_want` of the window numbers `candidates` (a choice seeded by (seed, stream), in stream order); all of
+        them when fewer exist (with a warning)."""
+        if n_want is None or n_want >= len(candidates):
+            if n_want is not None and n_want > len(candidates):
+                self._warn_short(split, n_want, len(candidates), n_exist)
+            return np.sort(candidates)
+        rng = np.random.default_rng([seed % 2**32, stream])
+        return np.sort(candidates[rng.permutation(len(candidates))[:n_want]])
+
+    def _wanted(self) -> tuple[int | None, int | None]:
+        """(train, val) windows asked for; None: all there are (train) or val_fraction of them (one split)."""
+        want_train, want_val = self._requested_counts() if self.num_samples is not None else (None, None)
+        return want_train, self.fixed_val_windows if self.fixed_val_windows is not None else want_val
 
     def setup(self, stage: str | None = None) -> None:
         """Load the token streams (from the cache, tokenizing on a miss) and select the windows.
@@ -299,26 +329,31 @@ class TokenWindowDataModule(LightningDataModule):
         streams = {name: load_token_stream(split, tok, self.cache_dir) for name, split in splits.items()}
         loaded = {name: (stream.tokens, stream.cached) for name, stream in streams.items()}
         n_windows = {name: self._windows(splits[name], tokens) for name, (tokens, _) in loaded.items()}
+        want_train, want_val = self._wanted()
 
-        if ALL in splits:  # one split: choose the windows, then a seeded shuffle sends val_fraction of them to val
+        if ALL in splits:  # one split: the validation windows first (by eval_seed), training from the rest (by seed)
             split, n_avail = splits[ALL], n_windows[ALL]
-            chosen = self._pick(split, n_avail, self.num_samples, 0)
             if n_avail < 2:
                 raise ValueError(
                     f"data set {split.dataset!r} ({split.origin}) has {loaded[ALL][0].size} tokens: "
                     f"{n_avail} window of {self.window} tokens, at least 2 are needed (train + val)"
                 )
-            if self.num_samples is not None and len(chosen) == self.num_samples:
-                n_val = self._requested_counts()[1]
+            fewer = self.num_samples is not None and self.num_samples > n_avail
+            if want_val is None or (fewer and self.fixed_val_windows is None):
+                n_val = max(1, round(n_avail * self.val_fraction))  # val_fraction of what exists
             else:
-                n_val = min(max(1, round(len(chosen) * self.val_fraction)), len(chosen) - 1)
-            order = np.random.default_rng([self.seed % 2**32, 1]).permutation(chosen)
-            train_idx, val_idx = np.sort(order[n_val:]), np.sort(order[:n_val])
+                n_val = want_val
+            n_val = min(n_val, n_avail - 1)
+            if want_val is not None and n_val < want_val:
+                self._warn_short(split, want_val, n_val, n_avail)
+            order = np.random.default_rng([self.eval_seed % 2**32, 2]).permutation(n_avail)
+            val_idx = np.sort(order[:n_val])
+            train_idx = self._pick(split, np.sort(order[n_val:]), want_train, self.seed, 0, n_avail)
             train_tokens = val_tokens = loaded[ALL][0]
         else:  # own validation split: count from each
-            want_train, want_val = self._requested_counts() if self.num_samples is not None else (None, None)
-            train_idx = self._pick(splits[TRAIN], n_windows[TRAIN], want_train, 0)
-            val_idx = self._pick(splits[VAL], n_windows[VAL], want_val, 1)
+            n_train, n_val = n_windows[TRAIN], n_windows[VAL]
+            train_idx = self._pick(splits[TRAIN], np.arange(n_train), want_train, self.seed, 0, n_train)
+            val_idx = self._pick(splits[VAL], np.arange(n_val), want_val, self.eval_seed, 2, n_val)
             train_tokens, val_tokens = loaded[TRAIN][0], loaded[VAL][0]
 
         self.tokenizer = tok
@@ -330,6 +365,8 @@ class TokenWindowDataModule(LightningDataModule):
             "seq_len": self.seq_len,
             "tokenizer": tok.source,
             "tokenizer_sha256": tok.fingerprint,  # (hashed once for the token cache's keys)
+            "seed": self.seed,
+            "eval_seed": self.eval_seed,
             "splits": {
                 name: {
                     "origin": s.origin,
@@ -340,6 +377,14 @@ class TokenWindowDataModule(LightningDataModule):
                     "cached": loaded[name][1],
                 }
                 for name, s in splits.items()
+            },
+            "selected": {  # the windows used, by split
+                name: {
+                    "windows_asked": want,
+                    "windows_short_by": 0 if want is None else max(0, want - len(idx)),
+                    "window_ids_sha256": window_ids_sha256(idx),
+                }
+                for name, want, idx in (("train", want_train, train_idx), ("validation", want_val, val_idx))
             },
             "train_windows": len(self.train_dataset),
             "val_windows": len(self.val_dataset),

@@ -82,7 +82,7 @@ def autoregressive_token_losses(
 
 def perplexity(losses: Tensor) -> float:
     """exp(mean CE) over all given token losses."""
-    return math.exp(losses.float().mean().item())
+    return math.exp(losses.double().mean().item())
 
 
 def position_ppl(losses: Tensor, buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS) -> dict[str, float]:

@@ -1,11 +1,18 @@
 """Aggregate runs over seeds into tables and plots.
 
     python -m kvcompress.report outputs/multirun/train/2026-11-23_10-00-00-123 [more folders] [--out DIR] [--wandb]
+    python -m kvcompress.report compare <runs of A...> -- <runs of B...> [--metric M] [--json]   (see compare.py)
 
-Every `metrics.json` under the folders is one run. Runs are grouped by configuration (their Hydra
-overrides without `seed=` and folders) and each metric is reported as mean ± std over seeds, with n.
-Writes `report.md`, `report.csv` and PNGs: position-wise PPL, PPL vs cache bytes per token (with the Pareto
-front), decode TPOT per cache, training curves (from each run's CSV log).
+Every `metrics.json` under the folders is one run (an unreadable or truncated one is skipped with a warning
+naming it). Runs are grouped by everything that changes their numbers, seed aside: the data (split origins,
+tokenizer hash, window settings) and the result-changing config (`kvcompress.records.result_config`); a group is
+labelled by its Hydra overrides without `seed=` and folders (plus what tells apart groups with one label). Each
+metric is reported as mean ± std over seeds, with n; a seed whose value is NaN/inf (a diverged run) is counted and
+flagged ("n=3 (1 diverged)", "diverged" when none is finite), never dropped silently. Runs that trained on a test
+split say so above the table and in the CSV (`train_on_test`). Writes `report.md`, `report.csv` and PNGs:
+position-wise PPL, PPL vs cache bytes per token (with the Pareto front), decode TPOT per cache, training curves
+(from each run's CSV log), as one set: into a temporary sibling folder swapped into place by renames, so an
+interrupted report never leaves a new table beside old plots.
 """
 
 from __future__ import annotations
@@ -14,33 +21,50 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvcompress.records import FAILURE_FILE
-from kvcompress.utils import atomic_write, atomic_write_text
+from kvcompress.records import FAILURE_FILE, data_identity, result_config
+from kvcompress.utils import atomic_write, atomic_write_text, stable_hash
 
+log = logging.getLogger(__name__)
 IGNORED_OVERRIDES = ("seed=", "hydra.", "paths.", "task_name=", "print_config=")
 
 
 @dataclass
 class RunResult:
     path: Path  # the run folder
-    label: str  # its configuration (runs with one label are seeds of one configuration)
+    label: str  # its configuration as the overrides say it (for display)
     seed: int | None
     metrics: dict[str, Any]
+    group: str = ""  # what the run is, seed aside (data and result config): runs of one group are seeds of it
+
+    def __post_init__(self) -> None:
+        self.group = self.group or group_key(self.metrics, self.label)
+
+    @property
+    def train_on_test(self) -> bool:
+        return bool((self.metrics.get("data") or {}).get("train_on_test"))
 
 
 @dataclass
 class Aggregate:
     label: str
     n: int
-    values: dict[str, list[float]] = field(default_factory=dict)  # flattened metric -> one value per seed
+    values: dict[str, list[float]] = field(default_factory=dict)  # flattened metric -> its finite values
+    nonfinite: dict[str, int] = field(default_factory=dict)  # flattened metric -> seeds with NaN / inf there
+    diverged: int = 0  # seeds whose val PPL is NaN / inf
+    train_on_test: int = 0  # seeds that trained on a test split
+    group: str = ""
 
     def mean(self, key: str) -> float:
         xs = self.values.get(key, [])
@@ -51,15 +75,28 @@ class Aggregate:
         return statistics.stdev(xs) if len(xs) > 1 else math.nan
 
     def text(self, key: str, digits: int = 1) -> str:
-        xs = self.values.get(key, [])
+        xs, bad = self.values.get(key, []), self.nonfinite.get(key, 0)
         if not xs:
-            return "—"
-        return f"{self.mean(key):.{digits}f}" + (f" ± {self.std(key):.{digits}f}" if len(xs) > 1 else "")
+            return "diverged" if bad else "—"
+        text = f"{self.mean(key):.{digits}f}" + (f" ± {self.std(key):.{digits}f}" if len(xs) > 1 else "")
+        return text + (f" ({bad} of {len(xs) + bad} diverged)" if bad else "")
+
+    def n_text(self) -> str:
+        return f"{self.n} ({self.diverged} diverged)" if self.diverged else str(self.n)
 
 
 def default_label(metrics: dict[str, Any]) -> str:
     overrides = [o for o in metrics.get("overrides") or [] if not o.startswith(IGNORED_OVERRIDES)]
     return " ".join(overrides) or str((metrics.get("config") or {}).get("task_name", "run"))
+
+
+def group_key(metrics: dict[str, Any], label: str = "") -> str:
+    """A hash of what a run is, seed aside: its data identity and result-changing config (the label when the run
+    records no config)."""
+    config = metrics.get("config")
+    if not isinstance(config, dict):
+        return "label:" + label
+    return stable_hash({"data": data_identity(metrics), "config": result_config(config)})
 
 
 def find_run_folders(folders: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
@@ -73,43 +110,94 @@ def find_run_folders(folders: Sequence[str | os.PathLike]) -> tuple[list[Path], 
     return sorted(done), sorted(failed - done)
 
 
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """A run's metrics.json, or None (with a warning naming it) when it is unreadable, truncated or not a record."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        log.warning("skipping %s: unreadable (%s: %s)", path, type(err).__name__, err)
+        print(f"warning: skipping {path}: unreadable ({type(err).__name__})", file=sys.stderr)
+        return None
+    if not isinstance(metrics, dict):
+        log.warning("skipping %s: not a run record", path)
+        print(f"warning: skipping {path}: not a run record", file=sys.stderr)
+        return None
+    return metrics
+
+
 def load_runs(
-    folders: Sequence[str | os.PathLike], label: Callable[[dict[str, Any]], str] = default_label
+    folders: Sequence[str | os.PathLike],
+    label: Callable[[dict[str, Any]], str] = default_label,
+    skipped: list[Path] | None = None,
 ) -> list[RunResult]:
+    """The runs under `folders`; unreadable metrics.json files are skipped with a warning (and added to
+    `skipped` when given)."""
     runs = []
     for folder in find_run_folders(folders)[0]:
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = read_metrics(folder / "metrics.json")
+        if metrics is None:
+            if skipped is not None:
+                skipped.append(folder / "metrics.json")
+            continue
         seed = (metrics.get("config") or {}).get("seed")
         runs.append(RunResult(folder, label(metrics), seed if isinstance(seed, int) else None, metrics))
     return runs
 
 
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves with dotted names; the stages list by stage name (`stages.lm.val_ppl`)."""
+def flatten(metrics: dict[str, Any], prefix: str = "", finite: bool = True) -> dict[str, float]:
+    """Numeric leaves with dotted names; the stages list by stage name (`stages.lm.val_ppl`). NaN / inf leaves
+    are left out unless `finite=False`."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if key in ("config", "data", "code", "versions", "device", "overrides", "command", "params"):
+        if key in ("config", "data", "code", "versions", "device", "overrides", "command", "params", "windows"):
             continue
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
+            out.update(flatten(value, f"{name}.", finite))
         elif isinstance(value, list) and key == "stages":
             for stage in value:
-                out.update(flatten(stage, f"{name}.{stage.get('name')}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                out.update(flatten(stage, f"{name}.{stage.get('name')}.", finite))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and (math.isfinite(value) or not finite):
             out[name] = float(value)
     return out
 
 
+def diverged(metrics: dict[str, Any]) -> bool:
+    """A run that finished with a NaN / inf validation PPL."""
+    value = metrics.get("val_ppl")
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isfinite(value)
+
+
 def aggregate(runs: Sequence[RunResult]) -> list[Aggregate]:
-    """One row per label, in first-seen order."""
+    """One row per group (data and result config, seed aside), in first-seen order. Groups that share a label
+    get what tells them apart appended to it."""
     rows: dict[str, Aggregate] = {}
     for run in runs:
-        row = rows.setdefault(run.label, Aggregate(run.label, 0))
+        row = rows.setdefault(run.group, Aggregate(run.label, 0, group=run.group))
         row.n += 1
-        for key, value in flatten(run.metrics).items():
-            row.values.setdefault(key, []).append(value)
+        row.diverged += diverged(run.metrics)
+        row.train_on_test += run.train_on_test
+        for key, value in flatten(run.metrics, finite=False).items():
+            if math.isfinite(value):
+                row.values.setdefault(key, []).append(value)
+            else:
+                row.nonfinite[key] = row.nonfinite.get(key, 0) + 1
+    _disambiguate(list(rows.values()), {run.group: run for run in runs})
     return list(rows.values())
+
+
+def _disambiguate(rows: list[Aggregate], example: dict[str, RunResult]) -> None:
+    by_label: dict[str, list[Aggregate]] = {}
+    for row in rows:
+        by_label.setdefault(row.label, []).append(row)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        for row in same:
+            metrics = example[row.group].metrics
+            origin = ((metrics.get("data") or {}).get("splits") or {}).get("validation", {}).get("origin")
+            where = f"data: {Path(str(origin)).name}, " if origin else ""
+            row.label = f"{row.label} [{where}config {row.group[:6]}]"
 
 
 def buckets(rows: Sequence[Aggregate], key: str = "val_pos_ppl") -> list[str]:
@@ -124,15 +212,27 @@ def cache_kinds(rows: Sequence[Aggregate]) -> list[str]:
 # ----------------------------------------------------------------------------- tables
 
 
-def markdown(rows: Sequence[Aggregate], failed: Sequence[Path] = ()) -> str:
+def train_on_test_line(rows: Sequence[Aggregate]) -> str | None:
+    """The warning every table made from runs that trained on a test split carries (None when none did)."""
+    marked = [row for row in rows if row.train_on_test]
+    if not marked:
+        return None
+    which = ", ".join(f"`{row.label}` ({row.train_on_test} of {row.n})" for row in marked)
+    return f"**train_on_test: these runs trained on a test split** (offline WikiText-2 trains on test.txt): {which}."
+
+
+def markdown(rows: Sequence[Aggregate], failed: Sequence[Path] = (), skipped: Sequence[Path] = ()) -> str:
     pos = buckets(rows)
     head = ["configuration", "n", "val PPL", "AR PPL", *[f"PPL {b}" for b in pos], "cache B/token", "TPOT ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    warning = train_on_test_line(rows)
+    lines = [warning, ""] if warning else []
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in rows:
-        tpot = Aggregate(row.label, row.n, {"t": [x * 1e3 for x in row.values.get("tpot_s", [])]})
+        ms = [x * 1e3 for x in row.values.get("tpot_s", [])]
+        tpot = Aggregate(row.label, row.n, {"t": ms}, {"t": row.nonfinite.get("tpot_s", 0)})
         cells = [
             f"`{row.label}`",
-            str(row.n),
+            row.n_text(),
             row.text("val_ppl"),
             row.text("autoregressive_ppl"),
             *[row.text(f"val_pos_ppl.{b}") for b in pos],
@@ -141,21 +241,37 @@ def markdown(rows: Sequence[Aggregate], failed: Sequence[Path] = ()) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("mean ± sample std over seeds (n runs each).")
+    lines.append(
+        "mean ± sample std over seeds (n runs each); a seed whose value is NaN / inf is counted in n and flagged "
+        "(diverged), not averaged."
+    )
     if failed:
         lines += ["", "Failed runs (no metrics.json): " + ", ".join(f"`{p}`" for p in failed)]
+    if skipped:
+        lines += ["", "Skipped (unreadable metrics.json): " + ", ".join(f"`{p}`" for p in skipped)]
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: Sequence[Aggregate]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row.values))
+    """One line per row: n, the seeds whose val PPL diverged, the seeds that trained on a test split, and per metric
+    mean and std over its finite values (plus `<metric>_diverged`, the NaN / inf seeds, where a row has any)."""
+    keys = list(dict.fromkeys([*(k for row in rows for k in row.values), *(k for row in rows for k in row.nonfinite)]))
+    flagged = {k for row in rows for k in row.nonfinite}
+    columns = [(k, s) for k in keys for s in ("mean", "std", *(("diverged",) if k in flagged else ()))]
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["configuration", "n", *[f"{k}_{s}" for k in keys for s in ("mean", "std")]])
+    writer.writerow(["configuration", "n", "diverged", "train_on_test", *[f"{k}_{s}" for k, s in columns]])
     for row in rows:
-        cells = [getattr(row, s)(k) for k in keys for s in ("mean", "std")]
-        writer.writerow([row.label, row.n, *["" if math.isnan(x) else f"{x:.6g}" for x in cells]])  # n=1: no std
+        cells = [
+            str(row.nonfinite.get(k, 0)) if s == "diverged" else _number(getattr(row, s)(k))  # n=1: no std
+            for k, s in columns
+        ]
+        writer.writerow([row.label, row.n, row.diverged, row.train_on_test, *cells])
     return buf.getvalue()
+
+
+def _number(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6g}"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -278,23 +394,80 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def write_report(
-    runs: Sequence[RunResult], out_dir: str | os.PathLike, wandb: bool = False, failed: Sequence[Path] = ()
+    runs: Sequence[RunResult],
+    out_dir: str | os.PathLike,
+    wandb: bool = False,
+    failed: Sequence[Path] = (),
+    skipped: Sequence[Path] = (),
 ) -> dict[str, Path]:
+    """Write the report set (report.md, report.csv, the plots) into `out_dir`, replacing a previous set as a whole:
+    everything is written into a temporary sibling folder, which then takes the place of `out_dir` by renames (see
+    `swap_into_place`). Returns the files' final paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out_dir)
+    if out.exists() and not is_report_folder(out):
+        raise FileExistsError(f"--out {out} exists and is not a report folder (no report.md): choose another folder")
     rows = aggregate(runs)
-    written = {"markdown": out / "report.md", "csv": out / "report.csv"}
-    atomic_write_text(written["markdown"], markdown(rows, failed))
-    atomic_write_text(written["csv"], csv_text(rows))
-    written["position_ppl"] = plot_position_ppl(rows, out / "position_ppl.png")
-    written["ppl_vs_bytes"] = plot_ppl_vs_bytes(rows, out / "ppl_vs_bytes.png")
-    written["tpot"] = plot_tpot(rows, out / "tpot.png")
-    written["training_curves"] = plot_training_curves(runs, out / "training_curves.png")
+    labels = {row.group: row.label for row in rows}
+    for run in runs:  # the plots name runs as the table does
+        run.label = labels.get(run.group, run.label)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_report_folder(out)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=STAGING_SUFFIX))
+    try:
+        written = {"markdown": staging / "report.md", "csv": staging / "report.csv"}
+        atomic_write_text(written["markdown"], markdown(rows, failed, skipped))
+        atomic_write_text(written["csv"], csv_text(rows))
+        written["position_ppl"] = plot_position_ppl(rows, staging / "position_ppl.png")
+        written["ppl_vs_bytes"] = plot_ppl_vs_bytes(rows, staging / "ppl_vs_bytes.png")
+        written["tpot"] = plot_tpot(rows, staging / "tpot.png")
+        written["training_curves"] = plot_training_curves(runs, staging / "training_curves.png")
+        swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = {name: out / path.relative_to(staging) for name, path in written.items()}
     if wandb:
         log_to_wandb(written)
     return written
+
+
+STAGING_SUFFIX = ".report-tmp"
+
+
+def is_report_folder(folder: Path) -> bool:
+    """A folder a report may replace: an empty one, or one that holds a report."""
+    return folder.is_dir() and ((folder / "report.md").is_file() or not any(folder.iterdir()))
+
+
+def _previous(out: Path) -> Path:
+    return out.with_name(f".{out.name}.previous{STAGING_SUFFIX}")
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Put the finished set `staging` at `out`: the old set is renamed aside, the new one renamed in, the old one
+    removed. A kill at any point leaves the old set, or the new set, never a mix (between the two renames only the
+    aside copy exists; `recover_report_folder` puts it back)."""
+    previous = _previous(out)
+    if previous.exists():
+        shutil.rmtree(previous)
+    if out.exists():
+        os.rename(out, previous)
+    os.rename(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_report_folder(out: Path) -> None:
+    """After an interrupted report: put back a set left aside between the two renames, and delete unfinished sets."""
+    previous = _previous(out)
+    if previous.is_dir() and not out.exists():
+        os.rename(previous, out)
+        log.warning("restored the previous report %s (a report was interrupted while replacing it)", out)
+    for stale in out.parent.glob(f".{out.name}.*{STAGING_SUFFIX}"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def log_to_wandb(written: dict[str, Path]) -> None:
@@ -310,16 +483,26 @@ def log_to_wandb(written: dict[str, Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from kvcompress.evaluation.compare import main as compare_main
+
+        return compare_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m kvcompress.report", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="run or multirun folders (searched for metrics.json)")
     p.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")
     p.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = p.parse_args(argv)
-    runs = load_runs(args.folders)
+    skipped: list[Path] = []
+    runs = load_runs(args.folders, skipped=skipped)
     failed = find_run_folders(args.folders)[1]
     if not runs:
-        raise SystemExit(f"no metrics.json under {', '.join(args.folders)}")
-    written = write_report(runs, args.out or Path(args.folders[0]) / "report", wandb=args.wandb, failed=failed)
+        raise SystemExit(f"no readable metrics.json under {', '.join(args.folders)}")
+    out = args.out or Path(args.folders[0]) / "report"
+    try:
+        written = write_report(runs, out, wandb=args.wandb, failed=failed, skipped=skipped)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
     print(Path(written["markdown"]).read_text())
     for name, path in written.items():
         print(f"{name}: {path}")

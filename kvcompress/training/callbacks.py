@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from kvcompress.config import require_int
 from kvcompress.evaluation import metrics
+from kvcompress.evaluation.windows import window_losses
 
 DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
 
@@ -24,6 +26,11 @@ class PositionwisePPL(L.Callback):
 
     Logs `<stage>/val_pos_ppl/<lo>-<hi>` for each bucket, and a W&B table when W&B is a logger.
     Buckets that fall outside the sequence are skipped.
+
+    After each validation, `windows` holds the per-window mean losses of that validation (the records of
+    `kvcompress.evaluation.windows`: `ids`, `val`, `bucket:<lo>-<hi>`), gathered over ranks under DDP (a window
+    that DDP's padding scored twice is kept once). The ids are the windows' numbers in their split
+    (`TokenWindowDataset.indices`); with another kind of validation loader, their order of appearance.
     """
 
     def __init__(self, buckets: Sequence[Sequence[int]] = DEFAULT_BUCKETS) -> None:
@@ -32,8 +39,13 @@ class PositionwisePPL(L.Callback):
             if not 0 <= lo < hi:
                 raise ValueError(f"bad position bucket [{lo}, {hi})")
         self.last: dict[str, float] = {}
+        self.windows: dict[str, np.ndarray] = {}
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._ids: list[torch.Tensor] = []
+        self._window_ids: np.ndarray | None = None  # the loader's windows, in the order it serves them
+        self._batch_size = 0
 
     def logged_metrics(self) -> list[str]:
         """What it logs (without the stage prefix), e.g. for a stage's `monitor`."""
@@ -42,6 +54,24 @@ class PositionwisePPL(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
         self._counts = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
+        self._rows, self._ids, self._window_ids = [], [], None
+
+    def _batch_ids(self, trainer: L.Trainer, batch_idx: int, n: int) -> torch.Tensor:
+        """The ids of the `n` windows of validation batch `batch_idx` (this rank's share under DDP)."""
+        if self._window_ids is None:
+            loader = trainer.val_dataloaders
+            loader = loader[0] if isinstance(loader, list | tuple) else loader
+            order = getattr(getattr(loader, "epoch_order", None), "order", None)
+            indices = getattr(getattr(loader, "dataset", None), "indices", None)
+            self._window_ids = (
+                np.asarray(indices)[order()] if order is not None and indices is not None else np.empty(0, np.int64)
+            )
+            self._batch_size = int(getattr(loader, "batch_size", 0) or 0)
+        start = batch_idx * self._batch_size
+        if len(self._window_ids) >= start + n and self._batch_size:
+            return torch.from_numpy(self._window_ids[start : start + n].astype(np.int64))
+        seen = sum(len(i) for i in self._ids)  # no window numbers: the order of appearance
+        return torch.arange(seen, seen + n, dtype=torch.int64)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
@@ -53,11 +83,26 @@ class PositionwisePPL(L.Callback):
                 chunk = losses[:, lo:hi]
                 self._sums[i] += chunk.double().sum()
                 self._counts[i] += chunk.numel()
+        self._rows.append(window_losses(losses, self.buckets))
+        self._ids.append(self._batch_ids(trainer, batch_idx, losses.shape[0]))
+
+    def _gather_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, np.ndarray]:
+        if not self._rows:
+            return {}
+        ids = torch.cat(self._ids).to(pl_module.device)
+        columns = {name: torch.cat([row[name] for row in self._rows]) for name in self._rows[0]}
+        if trainer.world_size > 1:  # every rank holds as many windows (DDP pads the shares to equal length)
+            ids = pl_module.all_gather(ids).flatten()
+            columns = {name: pl_module.all_gather(values).flatten() for name, values in columns.items()}
+        ids_np = ids.cpu().numpy()
+        _, first = np.unique(ids_np, return_index=True)  # sorted by id, each window once
+        return {"ids": ids_np[first], **{name: v.cpu().numpy()[first] for name, v in columns.items()}}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sums, counts = self._sums, self._counts
         if trainer.world_size > 1:
             sums, counts = pl_module.all_gather(sums).sum(0), pl_module.all_gather(counts).sum(0)
+        self.windows = self._gather_windows(trainer, pl_module)
         prefix = getattr(pl_module, "metric_prefix", "lm")
         self.last = {}
         for i, (lo, hi) in enumerate(self.buckets):

@@ -202,6 +202,7 @@ class PhaseRunner:
         self.results: list[StageResult] = []
         self.folder: Path | None = None  # the running stage's folder (hooks may keep their own files there)
         self.step = 0  # the logging step: runs on from one stage to the next
+        self.windows: dict[str, Any] = {}  # per-window losses of the latest validation (the last stage's final one)
 
     @property
     def is_writer(self) -> bool:
@@ -449,7 +450,9 @@ class PhaseRunner:
             logger.log_metrics(dict(metrics), step=self.step)
 
     def _validate(self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage) -> dict[str, Any]:
-        return validate(trainer, module, datamodule, stage)
+        metrics = validate(trainer, module, datamodule, stage)
+        self.windows = validation_windows(trainer)
+        return metrics
 
 
 def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Callback]:
@@ -470,6 +473,11 @@ def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataMo
     }
     metrics["val_pos_ppl"] = dict(positions.last)
     return metrics
+
+
+def validation_windows(trainer: L.Trainer) -> dict[str, Any]:
+    """The per-window losses of the trainer's latest validation (`PositionwisePPL.windows`)."""
+    return dict(next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL)).windows)
 
 
 def set_log_step(trainer: L.Trainer, step: int) -> None:
