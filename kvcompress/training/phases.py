@@ -36,11 +36,13 @@ from kvcompress.training.checkpoints import (
     stage_checkpoints,
 )
 from kvcompress.training.module import LMModule
-from kvcompress.utils import atomic_write_json, file_sha256, remove_stale_temp_files, stable_hash
+from kvcompress.utils import atomic_write, atomic_write_json, file_sha256, remove_stale_temp_files, stable_hash
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, DONE = "weights.safetensors", "done.json"
+FINAL_WINDOWS = "windows_final.safetensors"  # per-window losses of a stage's last-epoch weights (before the best)
+WINDOWS_FORMAT = "kvcompress.windows/1"
 
 
 class StageHook(Protocol):
@@ -259,9 +261,12 @@ class PhaseRunner:
         best, checkpoints = stage_checkpoints(
             ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
         )
-        callbacks: list[L.Callback] = [*checkpoints, *self._validation_callbacks(stage)]
+        recorder = TokenLosses()
+        callbacks: list[L.Callback] = [*checkpoints, *self._validation_callbacks(stage), recorder]
+        stopper = None
         if stage.patience is not None:
-            callbacks.append(ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience))
+            stopper = ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience)
+            callbacks.append(stopper)
         max_epochs = stage.max_epochs if self.epochs_cap is None else min(stage.max_epochs, self.epochs_cap)
         trainer = self._make_trainer(stage, callbacks, max_epochs)
         module = self.make_module(self.net, stage)
@@ -277,11 +282,15 @@ class PhaseRunner:
                     atomic_write_json(start_file, start)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
+        # The last epoch's weights (a report may quote them: an overfit stop-epoch table), before the best load.
+        final = self._validate_final(trainer, module, datamodule, stage, folder, recorder)
+        final["stopped_early"] = int(bool(stopper is not None and stopper.stopped_epoch > 0))
         if best.best_model_path:
             load_net_weights(self.net, best.best_model_path)
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
-        metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
+        metrics = {**start, **final, **self._validate(trainer, module, datamodule, stage)}
+        metrics["epochs"] = trainer.current_epoch
         metrics["steps"] = trainer.global_step
         self.step = log_step(trainer)
         hooked = {**before, **self._run_hooks(stage.after, stage, datamodule)}
@@ -346,7 +355,8 @@ class PhaseRunner:
         trainer = self._make_trainer(stage, self._validation_callbacks(stage), 1)
         module = self.make_module(self.net, stage)
         recorded = done.get("metrics", {})
-        metrics = {k: v for k, v in recorded.items() if k.startswith("start_") or k in ("epochs", "steps")}
+        kept = ("epochs", "steps", "stopped_early")  # of the training, and the last epoch's weights (not kept)
+        metrics = {k: v for k, v in recorded.items() if k.startswith(("start_", "final_")) or k in kept}
         metrics.update(self._validate(trainer, module, datamodule, stage))
         old, new = recorded.get("val_loss"), metrics.get("val_loss")
         if isinstance(old, float) and isinstance(new, float) and abs(old - new) > 1e-5 * max(1.0, abs(old)):
@@ -384,6 +394,23 @@ class PhaseRunner:
     def _validate(self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage) -> dict[str, Any]:
         return validate(trainer, module, datamodule, stage)
 
+    def _validate_final(
+        self, trainer: L.Trainer, module: LMModule, datamodule, stage: Stage, folder: Path, recorder: TokenLosses
+    ) -> dict[str, Any]:
+        """`final_val_*` of the weights the fit ended with, and their per-window losses (`windows_final.safetensors`
+        in the stage folder; one process only: a sharded validation holds a part of the windows)."""
+        recorder.armed = True
+        try:
+            final = {f"final_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
+        finally:
+            recorder.armed = False
+        final["final_epoch"] = trainer.current_epoch
+        if self.is_writer and trainer.world_size == 1 and recorder.losses is not None:
+            positions = next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL))
+            tensors = window_records(recorder.losses, positions.buckets, val_window_ids(datamodule))
+            save_windows(folder / FINAL_WINDOWS, tensors, {"stage": stage.name, "weights": "final"})
+        return final
+
 
 def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Callback]:
     """A stage's validation callbacks: the run's, the stage's own, and position-wise PPL."""
@@ -403,6 +430,58 @@ def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataMo
     }
     metrics["val_pos_ppl"] = dict(positions.last)
     return metrics
+
+
+class TokenLosses(L.Callback):
+    """While `armed`, keeps the per-token losses (windows, seq_len) of the validation that runs, in loader order."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.losses: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._parts = []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if self.armed:
+            self._parts.append(outputs["token_losses"].detach().double().cpu())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.armed and self._parts:
+            self.losses = torch.cat(self._parts)
+
+
+def val_window_ids(datamodule: Any) -> torch.Tensor | None:
+    """The validation windows' ids (their index in the split's token stream), when the data module names them."""
+    indices = getattr(getattr(datamodule, "val_dataset", None), "indices", None)
+    return None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+
+
+def window_records(
+    token_losses: torch.Tensor, buckets: Sequence[Sequence[int]], ids: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per window (the rows of `token_losses`, (windows, seq_len)): `ids`, `val` (mean token loss) and
+    `bucket:<lo>-<hi>` (mean loss over positions [lo, hi)), float64, as in a run's `windows.safetensors`."""
+    losses = token_losses.double()
+    n, length = losses.shape
+    if ids is None or len(ids) != n:
+        ids = torch.arange(n, dtype=torch.int64)
+    out = {"ids": ids.to(torch.int64), "val": losses.mean(dim=1)}
+    for lo, hi in buckets:
+        if lo < length:
+            out[f"bucket:{lo}-{hi}"] = losses[:, lo:hi].mean(dim=1)
+    return out
+
+
+def save_windows(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """Per-window records, atomically, in the safe format (safetensors, no pickle)."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": WINDOWS_FORMAT, **meta})
+    atomic_write(path, lambda f: f.write(blob), mode="wb")
 
 
 def set_log_step(trainer: L.Trainer, step: int) -> None:
