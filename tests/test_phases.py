@@ -4,10 +4,10 @@ import math
 from functools import partial
 from pathlib import Path
 
+import helpers
 import lightning as L
 import pytest
 import torch
-import helpers
 from helpers import make_runner
 
 from kvcompress.models import GPTNeoX, ModelConfig

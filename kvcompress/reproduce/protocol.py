@@ -63,6 +63,10 @@ def plan(
         return tuple(str(x).replace("{tokenizer}", str(tokenizer)) for x in items)
 
     specs = []
+    check = protocol.get("context_check")
+    extra = (check,) if check and has_context_check() else ()
+    if check and not extra:
+        log.warning("this code has no eval.context_check: position claims will be 'not comparable'")
     for table in tables:
         if table not in protocol["tables"]:
             raise ValueError(f"--tables: no table {table!r} in the {protocol['scale']} protocol")
@@ -76,8 +80,17 @@ def plan(
         for name, overrides in runs.items():
             for seed in seeds:
                 folder = out / table / name / f"seed{seed}"
-                specs.append(RunSpec(table, name, seed, flat(overrides), folder, notes.get(name, "")))
+                specs.append(RunSpec(table, name, seed, (*flat(overrides), *extra), folder, notes.get(name, "")))
     return specs
+
+
+def has_context_check() -> bool:
+    """Does this code measure the context check (`eval.context_check`, issue 19)?"""
+    from dataclasses import fields
+
+    from kvcompress.config import EvalConfig
+
+    return "context_check" in {f.name for f in fields(EvalConfig)}
 
 
 def compose(spec: RunSpec, stage_dir: Path) -> Any:
