@@ -1,6 +1,6 @@
 """`make reproduce`: rerun the five seed reports' tables over seeds and write REPRODUCTION.md.
 
-    python -m kvcompress.reproduce --scale mini                      # all five tables, 3 seeds, on a CPU
+    python -m kvcompress.reproduce --scale mini                      # all five tables, 2 seeds, on a CPU
     python -m kvcompress.reproduce --scale mini --tables 003,004     # some tables
     python -m kvcompress.reproduce --scale paper --dry-run           # compose and list every run, train nothing
 
