@@ -288,7 +288,7 @@ def test_lego_phase_smoke(tmp_path, text_file):
     # calibration file pairs hard-token losses before and after, token by token.
     report = train(
         smoke(tmp_path, text_file, "model=lego", "phase=lego", "phase.threshold_from=mining", *LIGHT_BENCH,
-              "phase.stages.deep.train=[*]", "+phase.stages.deep.freeze=[shallow_head.*]")
+              "phase.stages.deep.train=[*]", "phase.stages.deep.freeze=[shallow_head.*]")
     )  # fmt: skip
     after = stage(report, "deep")
     mining = load_file(str(Path(shallow["weights"]).parent / "hard_examples.safetensors"))
