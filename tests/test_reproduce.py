@@ -58,6 +58,19 @@ def test_mini_protocol_follows_the_reports_where_they_differ(tmp_path: Path) -> 
     assert b003.data.eval_seed == b004.data.eval_seed and b003.data.num_val_windows == 1000
 
 
+def test_the_context_check_joins_every_run_where_the_code_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    protocol = reproduce.load_protocol("mini")
+    monkeypatch.setattr(reproduce.protocol, "has_context_check", lambda: True)
+    specs = reproduce.plan(protocol, ["003", "002"], [0], tmp_path, None)
+    assert all("eval.context_check.enabled=true" in s.overrides for s in specs)
+    monkeypatch.setattr(reproduce.protocol, "has_context_check", lambda: False)
+    assert not any(
+        "eval.context_check.enabled=true" in s.overrides for s in reproduce.plan(protocol, ["003"], [0], tmp_path, None)
+    )
+
+
 def test_mini_runs_use_the_trained_tokenizer(tmp_path: Path) -> None:
     specs = reproduce.plan(reproduce.load_protocol("mini"), ["002", "003"], [0], tmp_path, tmp_path / "tok.json")
     by_name = {s.name: s for s in specs}

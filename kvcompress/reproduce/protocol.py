@@ -63,8 +63,9 @@ def plan(
         return tuple(str(x).replace("{tokenizer}", str(tokenizer)) for x in items)
 
     specs = []
-    check = protocol.get("context_check")
-    extra = (check,) if check and has_context_check() else ()
+    check = protocol.get("context_check") or []
+    check = [check] if isinstance(check, str) else list(check)
+    extra = tuple(str(c) for c in check) if check and has_context_check() else ()
     if check and not extra:
         log.warning("this code has no eval.context_check: position claims will be 'not comparable'")
     for table in tables:
