@@ -45,7 +45,7 @@ bench:  ## decode TTFT/TPOT of every cache kind vs KV, training vs HF (CPU prese
 
 SCALE ?= mini
 TABLES ?=
-reproduce:  ## rerun the seed reports' tables over 3 seeds, write REPRODUCTION.md (SCALE=mini|paper, TABLES=003,004; resumes)
+reproduce:  ## rerun the seed reports' tables over seeds (mini: 2, paper: 3), write REPRODUCTION.md (SCALE=mini|paper, TABLES=003,004; resumes)
 	$(BIN)/python -m kvcompress.reproduce --scale $(SCALE) $(if $(TABLES),--tables $(TABLES)) $(REPRODUCE_ARGS)
 
 clean:  ## remove run outputs and caches

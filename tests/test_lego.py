@@ -1,6 +1,8 @@
 """LEGO: exits, routing, mining, calibration, early-exit and self-speculative decoding, the phase end to end."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +297,22 @@ def test_lego_phase_smoke(tmp_path, text_file):
     sample = train(smoke(tmp_path, text_file, "model=lego", "phase=lego", "phase.selection=sample", *LIGHT_BENCH))
     assert stage(sample, "shallow")["reused"] and not stage(sample, "deep")["reused"]
     assert stage(sample, "deep")["hard_windows"] == round(0.5 * 86)
+
+    # Report 002's order: the threshold from the mining (phase 1), the shallow layers trained in phase 2; the
+    # calibration file pairs hard-token losses before and after, token by token.
+    report = train(
+        smoke(tmp_path, text_file, "model=lego", "phase=lego", "phase.threshold_from=mining", *LIGHT_BENCH,
+              "phase.stages.deep.train=[*]", "phase.stages.deep.freeze=[shallow_head.*]")
+    )  # fmt: skip
+    after = stage(report, "deep")
+    mining = load_file(str(Path(shallow["weights"]).parent / "hard_examples.safetensors"))
+    assert after["threshold"] == pytest.approx(calibrate_threshold(mining["val_confidence"], 0.5))
+    assert after["threshold_from"] == "mining" and after["val_ppl_shallow"] != pytest.approx(shallow["val_ppl"])
+    calibration = load_file(str(Path(after["weights"]).parent / "calibration.safetensors"))
+    hard = mining["val_hard"].bool()
+    assert calibration["val_loss_deep"].shape == hard.shape
+    assert math.exp(calibration["val_loss_deep"][hard].double().mean()) == pytest.approx(after["hard_ppl_after"])
+    assert calibration["val_take_shallow"].float().mean().item() == pytest.approx(after["shallow_ratio"])
 
 
 def test_token_weights_follow_their_windows(tmp_path, text_file):

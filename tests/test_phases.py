@@ -4,6 +4,7 @@ import math
 from functools import partial
 from pathlib import Path
 
+import helpers
 import lightning as L
 import pytest
 import torch
@@ -197,3 +198,33 @@ def test_stage_keys_do_not_depend_on_hook_identity():
     two = Stage(name="s", after=[partial(print, sep="-")], callbacks=[partial(L.Callback)])
     assert one.key_fields() == two.key_fields()
     assert describe(partial(print, sep="+")) != describe(partial(print, sep="-"))
+
+
+def test_the_last_epoch_weights_are_recorded_beside_the_best(tmp_path):
+    """`final_val_*` and `windows_final.safetensors` are the weights the fit ended with (its last.ckpt), not the
+    best ones that the stage keeps; a reused stage keeps them."""
+    from safetensors.torch import load_file
+
+    from kvcompress.models.weights import load_weights
+    from kvcompress.training.module import token_cross_entropy
+    from kvcompress.training.phases import FINAL_WINDOWS
+
+    stages = [Stage(name="lm", lr=3e-2, max_epochs=3, patience=None)]  # a high lr: the last epoch is not the best
+    (result,) = make_runner(tmp_path, stages).run()
+    folder = Path(result.weights).parent
+    windows = load_file(str(folder / FINAL_WINDOWS))
+    net = GPTNeoX(ModelConfig.from_name("tiny"))
+    val = helpers.RandomTokens().val
+    for which, ckpt in (("final_", folder / "checkpoints" / "last.ckpt"), ("", folder / "weights.safetensors")):
+        net.load_state_dict(load_weights(ckpt))
+        with torch.no_grad():
+            losses = token_cross_entropy(net.eval()(val[:, :-1]), val[:, 1:]).double()
+        assert result.metrics[f"{which}val_ppl"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-5)
+        if which:
+            torch.testing.assert_close(windows["val"], losses.mean(dim=1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(windows["bucket:0-16"], losses[:, :16].mean(dim=1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(windows["ids"], torch.arange(len(val)))
+    assert result.metrics["final_epoch"] == 3 and result.metrics["stopped_early"] == 0
+    assert result.metrics["final_val_ppl"] != result.metrics["val_ppl"]
+    (again,) = make_runner(tmp_path, stages).run()
+    assert again.reused and again.metrics["final_val_ppl"] == result.metrics["final_val_ppl"]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -20,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
+from safetensors.torch import load_file
 
 from kvcompress.models.weights import load_weights
 from kvcompress.run import CONF_DIR, train
@@ -296,6 +298,21 @@ def test_mka_smoke_trains_base_then_only_the_ka_layer(tmp_path, text_file):
     a, b = stage_state(metrics, "base"), stage_state(metrics, "mka")
     changed = [n for n in a if not torch.equal(a[n], b[n])]
     assert changed and all(".attention.mka." in n for n in changed)
+    # The frozen base is scored before the KA layer starts; a zero-init start is the base itself.
+    base = stage(metrics, "base")
+    assert mka["start_base_val_ppl"] == pytest.approx(base["val_ppl"], rel=1e-5)
+    assert mka["start_val_ppl"] == pytest.approx(mka["start_base_val_ppl"], rel=1e-5)
+    windows = load_file(str(Path(mka["weights"]).parent / "windows_base.safetensors"))
+    assert math.exp(windows["val"].mean().item()) == pytest.approx(base["val_ppl"], rel=1e-5)
+    # Report 001's start: a random KA layer on its (silenced, so plain) base, away from it.
+    other = train(
+        smoke(tmp_path, text_file, "model=mka", "phase=mka_base_then_frozen_base", "model.init_from=null",
+              "model.attention_kwargs.zero_init=false")
+    )  # fmt: skip
+    start = stage(other, "mka")
+    assert stage(other, "base")["ka_layers_silenced"] == 1
+    assert start["start_base_val_ppl"] == pytest.approx(stage(other, "base")["val_ppl"], rel=1e-5)
+    assert start["start_val_ppl"] != pytest.approx(start["start_base_val_ppl"], rel=1e-3)
 
 
 def test_mka_without_base_weights_fails_before_training(tmp_path, text_file):

@@ -120,8 +120,11 @@ def ids_of(records: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     return records[key] if key in records else records["ids"]
 
 
-def write_windows(folder: str | os.PathLike, records: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Write `records` (see the module docstring) and `meta` to `<folder>/windows.safetensors`, atomically.
+def write_windows(
+    folder: str | os.PathLike, records: Mapping[str, Any], meta: Mapping[str, Any], filename: str = FILE
+) -> Path:
+    """Write `records` (see the module docstring) and `meta` to `<folder>/<filename>` (`windows.safetensors`),
+    atomically.
 
     Checks the shapes: every tensor 1-D, as long as its ids. Adds `format` and `window_ids_sha256`."""
     from safetensors.numpy import save
@@ -140,7 +143,7 @@ def write_windows(folder: str | os.PathLike, records: Mapping[str, Any], meta: M
             raise ValueError(f"window record {name!r} has {len(array)} rows, its ids {len(ids_of(tensors, name))}")
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None}
     metadata.update(format=FORMAT, window_ids_sha256=window_ids_sha256(tensors["ids"]))
-    path = Path(folder) / FILE
+    path = Path(folder) / filename
     blob = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(blob), mode="wb")
     return path

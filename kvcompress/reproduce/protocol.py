@@ -63,6 +63,9 @@ def plan(
         return tuple(str(x).replace("{tokenizer}", str(tokenizer)) for x in items)
 
     specs = []
+    check = protocol.get("context_check") or []
+    check = [check] if isinstance(check, str) else list(check)
+    extra = tuple(str(c) for c in check)
     for table in tables:
         if table not in protocol["tables"]:
             raise ValueError(f"--tables: no table {table!r} in the {protocol['scale']} protocol")
@@ -76,7 +79,7 @@ def plan(
         for name, overrides in runs.items():
             for seed in seeds:
                 folder = out / table / name / f"seed{seed}"
-                specs.append(RunSpec(table, name, seed, flat(overrides), folder, notes.get(name, "")))
+                specs.append(RunSpec(table, name, seed, (*flat(overrides), *extra), folder, notes.get(name, "")))
     return specs
 
 

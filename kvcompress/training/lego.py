@@ -8,8 +8,12 @@ settings is a class that checks them when it is built, before any training:
 - `extend_from_shallow` (before the deep stage): the deep exit starts as a copy of the phase-1 exit.
 - `TrainOnHardExamples(selection)` (before the deep stage): token loss weights (1 on hard tokens, 0 elsewhere), or
   with `selection="sample"` the `ratio` windows of lowest mean confidence (`set_train_indices`).
-- `Calibrate(ratio)` (after the deep stage): sets the model's threshold so `ratio` of validation tokens go deep,
-  and records per-exit and routed PPL / accuracy, hard-token PPL after, shallow ratio and compute cost.
+- `Calibrate(ratio, threshold_from)` (after the deep stage): sets the model's threshold so `ratio` of validation
+  tokens go deep, under the phase-2 model (`threshold_from="deep"`) or, as report 002 did, under the phase-1 model
+  that mined them (`"mining"`: the shallow ratio then measures how phase 2 moved the confidences); records per-exit
+  and routed PPL / accuracy, hard-token PPL after, shallow ratio and compute cost, and keeps the per-token losses
+  and routes of every validation window in the stage folder (`calibration.safetensors`), so that hard-token PPL
+  before and after can be paired window by window.
 LEGO's decode speed is an end-of-run evaluation: `kvcompress.evaluation.lego.LegoDecodeBenchmark`.
 """
 
@@ -29,13 +33,16 @@ from kvcompress.data.batch import Batch, split_batch
 from kvcompress.methods import lego
 from kvcompress.methods.lego import LegoGPTNeoX
 from kvcompress.training.module import LMModule, token_cross_entropy, weighted_mean
+from kvcompress.training.phases import val_window_ids
 from kvcompress.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
 EXITS = ("shallow", "deep")  # loss and metric names of the two exits
 MINING_FILE = "hard_examples.safetensors"
+CALIBRATION_FILE = "calibration.safetensors"
 SELECTIONS = ("token", "sample")
+THRESHOLD_FROM = ("deep", "mining")
 
 
 class LegoModule(LMModule):
@@ -233,14 +240,19 @@ class Calibrate:
     """After the deep stage: set the threshold that routes `ratio` of validation tokens deep; record the two-stage
     metrics."""
 
-    def __init__(self, ratio: float = 0.5) -> None:
+    def __init__(self, ratio: float = 0.5, threshold_from: str = "deep") -> None:
         self.ratio = lego.check_ratio(ratio, "phase.hard_example_ratio")
+        if threshold_from not in THRESHOLD_FROM:
+            raise ValueError(f"phase.threshold_from must be one of {list(THRESHOLD_FROM)}, got {threshold_from!r}")
+        self.threshold_from = threshold_from
 
     def __call__(self, *, runner: Any, stage: Any, net: Any, datamodule: Any) -> dict[str, Any]:
         net, ratio = _check_lego(net), self.ratio
         stats = exit_stats(net, datamodule.val_dataloader(shard=False))  # all of it on every rank: one threshold
         shallow, deep = stats["shallow"], stats["deep"]
-        threshold = lego.calibrate_threshold(shallow["confidence"], ratio)
+        mining, _ = find_mining(runner)
+        calibrated_on = mining["val_confidence"] if self.threshold_from == "mining" else shallow["confidence"]
+        threshold = lego.calibrate_threshold(calibrated_on, ratio)
         net.threshold.fill_(threshold)
         take = shallow["confidence"] >= threshold
         routed_loss = torch.where(take, shallow["loss"], deep["loss"])
@@ -248,6 +260,7 @@ class Calibrate:
         share = float(take.float().mean())
         out: dict[str, Any] = {
             "threshold": threshold,
+            "threshold_from": self.threshold_from,
             "shallow_ratio": share,
             "compute_cost": lego.compute_cost(share, net.shallow_exit, net.deep_exit),
             "val_ppl_routed": _ppl(routed_loss),
@@ -256,9 +269,20 @@ class Calibrate:
         for name in EXITS:
             out[f"val_ppl_{name}"] = _ppl(stats[name]["loss"])
             out[f"val_acc_{name}"] = float(stats[name]["correct"].float().mean())
-        mining, _ = find_mining(runner)
         hard = mining["val_hard"].bool()
         out["hard_ppl_before"] = _ppl(mining["val_loss_before"], hard)
         out["hard_ppl_after"] = _ppl(deep["loss"], hard)
         out["hard_ppl_after_routed"] = _ppl(routed_loss, hard)
+        if runner.is_writer:
+            ids = val_window_ids(datamodule)
+            tensors = {
+                "ids": ids if ids is not None else torch.arange(len(take), dtype=torch.int64),
+                "val_loss_shallow": shallow["loss"],  # (windows, seq_len): the phase-2 model's, per exit
+                "val_loss_deep": deep["loss"],
+                "val_shallow_confidence": shallow["confidence"],
+                "val_take_shallow": take.to(torch.uint8),
+            }
+            meta = {"threshold": repr(threshold), "threshold_from": self.threshold_from, "ratio": repr(ratio)}
+            blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+            atomic_write(Path(runner.folder) / CALIBRATION_FILE, lambda f: f.write(blob), mode="wb")
         return out

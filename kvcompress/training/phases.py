@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from kvcompress.config import require_int
+from kvcompress.evaluation.windows import write_windows
 from kvcompress.models import GPTNeoX
 from kvcompress.models.weights import load_weights, save_weights
 from kvcompress.training.callbacks import PositionwisePPL
@@ -43,6 +44,7 @@ from kvcompress.utils import atomic_write_json, file_sha256, remove_stale_temp_f
 log = logging.getLogger(__name__)
 
 WEIGHTS, DONE = "weights.safetensors", "done.json"
+FINAL_WINDOWS = "windows_final.safetensors"  # per-window losses of a stage's last-epoch weights (before the best)
 
 
 class StageHook(Protocol):
@@ -323,8 +325,10 @@ class PhaseRunner:
             ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
         )
         callbacks: list[L.Callback] = [*checkpoints, *self._validation_callbacks(stage)]
+        stopper = None
         if stage.patience is not None:
-            callbacks.append(ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience))
+            stopper = ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience)
+            callbacks.append(stopper)
         max_epochs = stage.max_epochs if self.epochs_cap is None else min(stage.max_epochs, self.epochs_cap)
         trainer = self._make_trainer(stage, callbacks, max_epochs)
         module = self.make_module(self.net, stage)
@@ -340,11 +344,15 @@ class PhaseRunner:
                     atomic_write_json(start_file, start)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
+        # The last epoch's weights (a report may quote them: an overfit stop-epoch table), before the best load.
+        final = self._validate_final(trainer, module, datamodule, stage, folder)
+        final["stopped_early"] = int(bool(stopper is not None and stopper.stopped_epoch > 0))
         if best.best_model_path:
             load_net_weights(self.net, best.best_model_path)
         else:  # e.g. fast_dev_run writes no checkpoint: keep the weights in hand
             log.warning("stage %s: no checkpoint was written; continuing with the final weights", stage.name)
-        metrics = {**start, **self._validate(trainer, module, datamodule, stage), "epochs": trainer.current_epoch}
+        metrics = {**start, **final, **self._validate(trainer, module, datamodule, stage)}
+        metrics["epochs"] = trainer.current_epoch
         metrics["steps"] = trainer.global_step
         self.step = log_step(trainer)
         hooked = {**before, **self._run_hooks(stage.after, stage, datamodule)}
@@ -414,7 +422,8 @@ class PhaseRunner:
         trainer = self._make_trainer(stage, self._validation_callbacks(stage), 1)
         module = self.make_module(self.net, stage)
         recorded = done.get("metrics", {})
-        metrics = {k: v for k, v in recorded.items() if k.startswith("start_") or k in ("epochs", "steps")}
+        kept = ("epochs", "steps", "stopped_early")  # of the training, and the last epoch's weights (not kept)
+        metrics = {k: v for k, v in recorded.items() if k.startswith(("start_", "final_")) or k in kept}
         metrics.update(self._validate(trainer, module, datamodule, stage))
         old, new = recorded.get("val_loss"), metrics.get("val_loss")
         if isinstance(old, float) and isinstance(new, float) and abs(old - new) > 1e-5 * max(1.0, abs(old)):
@@ -453,6 +462,18 @@ class PhaseRunner:
         metrics = validate(trainer, module, datamodule, stage)
         self.windows = validation_windows(trainer)
         return metrics
+
+    def _validate_final(
+        self, trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataModule, stage: Stage, folder: Path
+    ) -> dict[str, Any]:
+        """`final_val_*` of the weights the fit ended with, and their per-window losses (`windows_final.safetensors`
+        in the stage folder, gathered over ranks like every validation's records)."""
+        final = {f"final_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
+        final["final_epoch"] = trainer.current_epoch
+        if self.is_writer and self.windows:
+            meta = {"stage": stage.name, "weights": "final"}
+            write_windows(folder, self.windows, meta, filename=FINAL_WINDOWS)
+        return final
 
 
 def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Callback]:
