@@ -94,6 +94,26 @@ def mka_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
     return (cfg.n_layer + 1) * 2 * cfg.n_embd * e  # [K, V] everywhere, plus the KA layer's [K, A] in the last
 
 
+def eviction_bytes(budget: int, per_slot: int = 0, per_row: int = 0) -> BytesFormula:
+    """`budget` slots per head of K, V (the model's dtype) and an int32 position, plus `per_slot` state bytes per
+    slot (H2O's scores, Knorm's norms) and `per_row` bytes per row (SnapKV's frozen boundary), per layer."""
+
+    def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
+        slots = min(budget, max_len)
+        per_layer = cfg.n_head * slots * (2 * cfg.head_size * e + 4 + per_slot) + per_row
+        return cfg.n_layer * per_layer / max_len
+
+    return formula
+
+
+def eviction_row(kind: str, per_slot: int = 0, per_row: int = 0, **kwargs: Any) -> Row:
+    """A budget of 6 slots: under the tests' contexts (7 to 17 tokens), so eviction really happens."""
+    return Row(
+        kind, cache=kind, cache_kwargs={"budget": 6, **kwargs}, exact=False, lossy_bound=0.5, chunk_consistent=False,
+        bytes_per_token=eviction_bytes(6, per_slot, per_row),
+    )  # fmt: skip
+
+
 TINY_C, TINY_K = 64, 4 * (16 - 4)  # tiny: width 64, 4 heads of 16 with 4 rotary dims each
 ROWS = [
     Row("kv", cache="kv", params_70m=({}, PYTHIA_70M), smoke=(), compiled_in_make_test=True),
@@ -128,5 +148,10 @@ ROWS = [
         degenerate=Degenerate({"layers": [-1], "zero_init": True}),
         params_70m=({"layers": [-1]}, PYTHIA_70M + 788_992),  # LayerNorm(512) + 3 x Linear(512, 512)
     ),
+    eviction_row("streaming_llm", sinks=2),
+    eviction_row("h2o", per_slot=4, window=2),
+    eviction_row("snapkv", per_row=4, window=2, kernel_size=3),
+    eviction_row("tova"),
+    eviction_row("knorm", per_slot=2),
 ]  # fmt: skip
 ROWS_BY_NAME = {row.name: row for row in ROWS}
