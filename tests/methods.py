@@ -90,6 +90,25 @@ def vdproj_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
     return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims + k + v) * e
 
 
+def vdproj_quant_bytes(group: int | None = None) -> BytesFormula:
+    """Palu: vdproj_bytes with the latents V_c (and K_c) as int8 + a scale per token (group None), or as packed
+    4-bit codes + a scale and a zero point per token and group of `group` channels."""
+
+    def latent(w: int, e: int) -> float:
+        return w + e if group is None else w // 2 + 2 * (w // min(group, w)) * e
+
+    def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
+        kw = cfg.attention_kwargs
+        width = lambda w, full: round(w * full) if isinstance(w, float) else w  # noqa: E731
+        v = latent(width(kw["rank"], cfg.n_embd), e)
+        if not kw.get("compress_k"):
+            return cfg.n_layer * (cfg.n_embd * e + v)
+        k = latent(width(kw["k_rank"], cfg.n_head * (cfg.head_size - cfg.rotary_ndims)), e)
+        return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims * e + k + v)
+
+    return formula
+
+
 def mka_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
     return (cfg.n_layer + 1) * 2 * cfg.n_embd * e  # [K, V] everywhere, plus the KA layer's [K, A] in the last
 
@@ -136,6 +155,18 @@ ROWS = [
     Row(
         "vdproj_k", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, bytes_per_token=vdproj_bytes,
         degenerate=Degenerate({"rank": TINY_C, "compress_k": True, "k_rank": TINY_K}, set_identity=True),
+    ),
+    Row(
+        "vdproj_int8", "vdproj", {"rank": 32}, cache="vdproj_int8", exact=False, lossy_bound=0.05,
+        bytes_per_token=vdproj_quant_bytes(), params_70m=({"rank": 320}, PYTHIA_70M + 1_971_072),
+    ),
+    Row(
+        "vdproj_k_int8", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, cache="vdproj_int8", exact=False,
+        lossy_bound=0.05, bytes_per_token=vdproj_quant_bytes(),
+    ),
+    Row(
+        "vdproj_int4", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, cache="vdproj_int4",
+        cache_kwargs={"group_size": 8}, exact=False, lossy_bound=0.1, bytes_per_token=vdproj_quant_bytes(8),
     ),
     Row("ka", "ka", params_70m=({}, PYTHIA_70M), smoke=("model=ka",)),
     Row("ka_plain", cache="ka_plain", exact=False, lossy_bound=1.0, ragged_exact=False),
