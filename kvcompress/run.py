@@ -161,6 +161,9 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
     eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
     for cache in eval_cfg.all_caches().values():  # raises if a kind cannot serve the model or its settings are bad
         net.build_caches(1, 2, kind=cache.name, **cache.kwargs)
+    from kvcompress.evaluation.long_context import check_long_context
+
+    check_long_context(eval_cfg, net.cfg.max_position_embeddings)  # the lengths against the position limit
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
         raise ValueError(
             "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "

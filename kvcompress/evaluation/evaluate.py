@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from kvcompress.config import CacheConfig, EvalConfig
-from kvcompress.evaluation import metrics
+from kvcompress.evaluation import long_context, metrics
 from kvcompress.models import GPTNeoX
 
 
@@ -49,6 +49,7 @@ def evaluate_cache(net: GPTNeoX, cache: CacheConfig, cfg: EvalConfig, batches: l
         losses = torch.cat([metrics.autoregressive_token_losses(net, b, kind, **kwargs) for b in batches])
         out["autoregressive_ppl"] = metrics.perplexity(losses)
         out["autoregressive_pos_ppl"] = metrics.position_ppl(losses)
+        out["window_loss"] = losses.float().mean(dim=1).tolist()  # per validation window, for paired intervals
     return out
 
 
@@ -73,6 +74,7 @@ def evaluate(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig | 
     if batches:  # the teacher-forced PPL on the same batches, next to the autoregressive one
         out["parallel_ppl"] = metrics.perplexity(torch.cat([metrics.token_losses(net, b) for b in batches]))
         out["autoregressive_ppl"] = main_result["autoregressive_ppl"]
+    out.update(evaluate_long_context(net, datamodule, cfg))
     if cfg.reversal.enabled:
         out["reversal"] = metrics.reversal_probe(
             net,
@@ -81,4 +83,21 @@ def evaluate(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig | 
             cache=main.name if batches else None,
             cache_kwargs=main.kwargs,
         )
+    return out
+
+
+@torch.no_grad()
+def evaluate_long_context(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig) -> dict[str, Any]:
+    """`long_context` and `passkey` results, when enabled (kvcompress.evaluation.long_context)."""
+    out: dict[str, Any] = {}
+    lc, pk = cfg.long_context, cfg.passkey
+    long_context.check_long_context(cfg, net.cfg.max_position_embeddings)
+    if lc.enabled:
+        tokens = datamodule.val_dataset.tokens  # type: ignore[attr-defined]  # the validation stream
+        caches = cfg.caches_for(lc.caches, "eval.long_context.caches")
+        out["long_context"] = long_context.long_context(net, tokens, caches, lc.lengths, lc.windows)
+    if pk.enabled:
+        caches = cfg.caches_for(pk.caches, "eval.passkey.caches")
+        tokenizer = datamodule.tokenizer  # type: ignore[attr-defined]
+        out["passkey"] = long_context.passkey_probe(net, tokenizer, caches, pk.lengths, pk.depths, pk.trials, pk.digits)
     return out
