@@ -161,6 +161,7 @@ def passkey_probe(
             }
         out[name] = {
             "kind": cache.name,
+            "bytes_per_token": metrics.cache_bytes_per_token(net, cache.name, max(lengths), **cache.kwargs),
             "accuracy": sum(c["accuracy"] for c in cells.values()) / len(cells),
             "logprob": sum(c["logprob"] for c in cells.values()) / len(cells),
             "cells": cells,

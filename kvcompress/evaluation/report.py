@@ -5,7 +5,8 @@
 Every `metrics.json` under the folders is one run. Runs are grouped by configuration (their Hydra
 overrides without `seed=` and folders) and each metric is reported as mean ± std over seeds, with n.
 Writes `report.md`, `report.csv` and PNGs: position-wise PPL, PPL vs cache bytes per token (with the Pareto
-front), decode TPOT per cache, training curves (from each run's CSV log).
+front), decode TPOT per cache, training curves (from each run's CSV log); and `pareto.md` with its plots: every
+cache of every run against its measured bytes, with paired 95% CIs (kvcompress.evaluation.pareto).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcompress.evaluation.pareto import write_pareto
 from kvcompress.records import FAILURE_FILE
 from kvcompress.utils import atomic_write, atomic_write_text
 
@@ -292,6 +294,7 @@ def write_report(
     written["ppl_vs_bytes"] = plot_ppl_vs_bytes(rows, out / "ppl_vs_bytes.png")
     written["tpot"] = plot_tpot(rows, out / "tpot.png")
     written["training_curves"] = plot_training_curves(runs, out / "training_curves.png")
+    written.update(write_pareto([(run.label, run.metrics) for run in runs], out))  # pareto.md and its plots
     if wandb:
         log_to_wandb(written)
     return written
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no metrics.json under {', '.join(args.folders)}")
     written = write_report(runs, args.out or Path(args.folders[0]) / "report", wandb=args.wandb, failed=failed)
     print(Path(written["markdown"]).read_text())
+    if "pareto" in written:
+        print(Path(written["pareto"]).read_text())
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
