@@ -95,7 +95,10 @@ def vdproj_quant_bytes(group: int | None = None) -> BytesFormula:
     4-bit codes + a scale and a zero point per token and group of `group` channels."""
 
     def latent(w: int, e: int) -> float:
-        return w + e if group is None else w // 2 + 2 * (w // min(group, w)) * e
+        if group is None:
+            return w + e
+        n_groups = next(n for n in range(-(-w // group), w + 1) if w % n == 0)  # the fewest equal groups <= group
+        return w // 2 + 2 * n_groups * e
 
     def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
         kw = cfg.attention_kwargs
@@ -166,7 +169,7 @@ ROWS = [
     ),
     Row(
         "vdproj_int4", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, cache="vdproj_int4",
-        cache_kwargs={"group_size": 8}, exact=False, lossy_bound=0.1, bytes_per_token=vdproj_quant_bytes(8),
+        cache_kwargs={"group_size": 16}, exact=False, lossy_bound=0.1, bytes_per_token=vdproj_quant_bytes(16),
     ),
     Row("ka", "ka", params_70m=({}, PYTHIA_70M), smoke=("model=ka",)),
     Row("ka_plain", cache="ka_plain", exact=False, lossy_bound=1.0, ragged_exact=False),

@@ -4,8 +4,9 @@ Projection", arXiv:2407.21118; seed 004's next step): `vdproj_int8` and `vdproj_
 V-DProj already stores V (and, with `compress_k`, the non-rotary K dims) as a low-rank latent `V_c` (`K_c`); these
 kinds store the latents quantized, per token (one token's latent is one vector across all heads):
 - `vdproj_int8`: symmetric absmax int8 codes with one scale per token (the model's dtype);
-- `vdproj_int4`: asymmetric 4-bit codes over groups of `group_size` latent channels (a scale and a zero point per
-  token and group, the model's dtype), two codes a byte (channel d with d + width/2).
+- `vdproj_int4`: asymmetric 4-bit codes over groups of latent channels (the width split into the fewest equal groups
+  of at most `group_size`, e.g. 40 -> 2 x 20; a scale and a zero point per token and group, the model's dtype), two
+  codes a byte (channel d with d + width/2).
 The keys the cache keeps in full (`k`, or the rotary `k_rot`) stay in the model's dtype: rope makes them position
 dependent, and Palu too leaves them unquantized. Each token is quantized on `put` and dequantized on `get`
 (`VDProjCache`'s two hooks), so the attention never knows which kind it has; new tokens attend over their own
@@ -17,6 +18,7 @@ read (a fused dequantize-matmul kernel is Palu's, not this library's).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -61,7 +63,7 @@ class VDProjInt8Cache(VDProjCache):
 @register_cache("vdproj_int4", layouts=("vdproj",))
 class VDProjInt4Cache(VDProjCache):
     """V-DProj's cache with `v_c` (and `k_c`) as packed 4-bit codes (B, L, width/2) uint8, with a scale and a zero
-    point per token and group of `group_size` channels (B, L, width/group) each (a group is at most the width)."""
+    point per token and group (B, L, width/group) each: the fewest equal groups of at most `group_size` channels."""
 
     def __init__(self, *args: Any, group_size: int = 32, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,12 +76,12 @@ class VDProjInt4Cache(VDProjCache):
             latent = self.buffers[name]
             self.dtype = latent.dtype
             B, L, width = latent.shape
-            group = min(group_size, width)
-            if width % 2 or width % group:
-                raise ValueError(
-                    f"vdproj_int4 packs two codes a byte in groups of group_size={group_size}: the {name} width "
-                    f"{width} must be even and a multiple of the group"
-                )
+            if width % 2:
+                raise ValueError(f"vdproj_int4 packs two codes a byte: the {name} width {width} must be even")
+            n_groups = math.ceil(width / group_size)  # the fewest equal groups of at most group_size channels
+            while width % n_groups:
+                n_groups += 1
+            group = width // n_groups
             self.groups[name] = group
             self.buffers[name] = torch.zeros(B, L, width // 2, device=latent.device, dtype=torch.uint8)
             for part in ("scale", "zero"):
