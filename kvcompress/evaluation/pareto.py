@@ -51,7 +51,15 @@ def _entries(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     for key, c in ((metrics.get("passkey") or {}).get("caches") or {}).items():
         out.setdefault("passkey_accuracy", {})[key] = {**c, "value": c["accuracy"], "window_loss": None}
         out.setdefault("passkey_logprob", {})[key] = {**c, "value": c["logprob"], "window_loss": None}
+    for per_cache in out.values():  # the run's cache again under "native": dropped when another key measured it
+        native = per_cache.get("native")
+        if native is not None and any(_same(c, native) for k, c in per_cache.items() if k != "native"):
+            del per_cache["native"]
     return out
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["value"] == b["value"] and a["bytes_per_token"] == b["bytes_per_token"]
 
 
 def points(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, list[Point]]:
@@ -123,7 +131,8 @@ def plot_pareto(metric: str, pts: Sequence[Point], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for kind in dict.fromkeys(p.kind for p in pts):
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    for i, kind in enumerate(dict.fromkeys(p.kind for p in pts)):
         mine = [p for p in pts if p.kind == kind]
         xs, ys = [p.bytes_per_token for p in mine], [p.value for p in mine]
         err = None
@@ -132,7 +141,8 @@ def plot_pareto(metric: str, pts: Sequence[Point], path: Path) -> Path:
             lo = [y - r * p.vs_reference.ci[0] for y, r, p in zip(ys, ref, mine, strict=True)]  # type: ignore[union-attr]
             hi = [r * p.vs_reference.ci[1] - y for y, r, p in zip(ys, ref, mine, strict=True)]  # type: ignore[union-attr]
             err = [[max(v, 0.0) for v in lo], [max(v, 0.0) for v in hi]]
-        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=kind)
+        marker = "osD^v<>"[i // len(colors) % 7]
+        ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=3, label=kind, color=colors[i % len(colors)])
         for p in mine:
             ax.annotate(p.label.split(" | ")[-1], (p.bytes_per_token, p.value), fontsize=5, alpha=0.7)
     best = front(pts, metric)
