@@ -70,3 +70,40 @@ def test_the_report_writes_the_pareto_table_and_plots(tmp_path) -> None:
 
 def test_no_cache_measured_writes_no_pareto(tmp_path) -> None:
     assert write_pareto([("run", {"val_ppl": 3.0})], tmp_path) == {}
+
+
+def test_the_pareto_mini_overlays_compose_and_every_cache_fits_its_model(tmp_path, capsys) -> None:
+    """Both overlays compose; every cache in their eval lists builds on their model; the driver's dry run lists both
+    runs with the tokenizer it would train."""
+    import torch
+    from omegaconf import OmegaConf
+    from test_train import compose_cfg
+
+    from kvcompress.config import EvalConfig
+    from kvcompress.evaluation.long_context import check_long_context
+    from kvcompress.models import GPTNeoX, ModelConfig
+    from kvcompress.reproduce.pareto_mini import main as pareto_main
+
+    kinds = {}
+    for name in ("pareto_mini", "pareto_mini_vdproj"):
+        cfg = compose_cfg([f"experiment={name}"], tmp_path)
+        assert cfg.data.seq_len == 512 and cfg.model.overrides.vocab_size == 4096
+        evaluation: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
+        model_cfg = ModelConfig.from_name(
+            cfg.model.name, attention=cfg.model.attention, attention_kwargs=dict(cfg.model.attention_kwargs or {}),
+            **cfg.model.overrides,
+        )  # fmt: skip
+        with torch.device("meta"):
+            net = GPTNeoX(model_cfg)
+        for cache in [
+            *evaluation.all_caches().values(),
+            *evaluation.caches_for(evaluation.passkey.caches, "p").values(),
+        ]:
+            net.build_caches(1, 8, kind=cache.name, device="cpu", **cache.kwargs)
+        check_long_context(evaluation, model_cfg.max_position_embeddings)
+        kinds[name] = {c.name for c in evaluation.all_caches().values()}
+    assert {"streaming_llm", "h2o", "snapkv", "tova", "knorm", "int8", "int4"} <= kinds["pareto_mini"]
+    assert {"vdproj", "vdproj_int8", "vdproj_int4"} <= kinds["pareto_mini_vdproj"]
+    assert pareto_main(["--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 and "experiment=pareto_mini " in commands[0] and "bpe4096/tokenizer.json" in commands[0]
