@@ -111,3 +111,16 @@ def test_evaluate_writes_long_context_and_passkey_for_the_chosen_caches() -> Non
     out = evaluate_long_context(net, data, cfg)  # type: ignore[arg-type]
     assert set(out["long_context"]["33"]) == {"native", "kv", "streaming_llm(budget=0.5)"}
     assert set(out["passkey"]["caches"]) == {"kv"}
+
+
+def test_evaluate_cache_records_window_losses_and_the_bytes_at_the_windows_length() -> None:
+    from kvcompress.evaluation.evaluate import evaluate_cache
+
+    net = tiny()
+    cfg = EvalConfig()
+    cfg.decode.new_tokens = 0
+    batch = torch.randint(0, 512, (3, 41), generator=torch.Generator().manual_seed(0))
+    out = evaluate_cache(net, CacheConfig("int4", {"group_size": 8, "window": 16}), cfg, [batch])
+    assert len(out["window_loss"]) == 3
+    assert out["eval_bytes_per_token"] == metrics.cache_bytes_per_token(net, "int4", 40, group_size=8, window=16)
+    assert out["eval_bytes_per_token"] != out["bytes_per_token"]  # measured at 128 tokens: another share of window

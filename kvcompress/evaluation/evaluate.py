@@ -50,6 +50,8 @@ def evaluate_cache(net: GPTNeoX, cache: CacheConfig, cfg: EvalConfig, batches: l
         out["autoregressive_ppl"] = metrics.perplexity(losses)
         out["autoregressive_pos_ppl"] = metrics.position_ppl(losses)
         out["window_loss"] = losses.float().mean(dim=1).tolist()  # per validation window, for paired intervals
+        # Bytes at the length these windows decode to (a budget or a window of int4 depends on it).
+        out["eval_bytes_per_token"] = metrics.cache_bytes_per_token(net, kind, losses.shape[1], **kwargs)
     return out
 
 

@@ -1,7 +1,8 @@
 """Every cache of every run on one Pareto front: a metric against the measured cache bytes per token.
 
 Metrics (each from a run's metrics.json, for every cache it measured):
-- `ppl`: the autoregressive (token by token, through the cache) PPL on the validation windows (`caches.<key>`);
+- `ppl`: the autoregressive (token by token, through the cache) PPL on the validation windows (`caches.<key>`),
+  against the bytes per token measured at the windows' length;
 - `long_ppl@<length>`: the same on contiguous long windows (`long_context.<length>.<key>`);
 - `passkey_accuracy`, `passkey_logprob`: the passkey probe (`passkey.caches.<key>`), higher is better.
 
@@ -43,8 +44,9 @@ def _entries(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """{metric: {cache key: {bytes_per_token, value, window_loss, kind}}} of one run."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for key, c in (metrics.get("caches") or {}).items():
-        if "autoregressive_ppl" in c:
-            out.setdefault("ppl", {})[key] = {**c, "value": c["autoregressive_ppl"]}
+        if "autoregressive_ppl" in c:  # bytes at the length the windows decode to, where recorded
+            nbytes = c.get("eval_bytes_per_token", c["bytes_per_token"])
+            out.setdefault("ppl", {})[key] = {**c, "value": c["autoregressive_ppl"], "bytes_per_token": nbytes}
     for length, per_cache in (metrics.get("long_context") or {}).items():
         for key, c in per_cache.items():
             out.setdefault(f"long_ppl@{length}", {})[key] = {**c, "value": c["ppl"]}
