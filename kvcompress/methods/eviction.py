@@ -58,7 +58,7 @@ def _softmax(scores: Tensor) -> Tensor:
 
 class EvictionCache(LayerCache):
     """Base class: buffers of `size` slots per (row, head), the prefill and decode paths; a rule overrides
-    `keep_scores` (and `state_of` / `update_state` when it keeps state per slot)."""
+    `keep_scores` (and `candidate_state` when it keeps state per slot, `after_prefill` when a prefill sets any)."""
 
     attention_rows: str = "none"  # which prefill queries' attention the rule reads: none, last, window, all
     slot_state: tuple[str, ...] = ()  # state buffers (B, nh, S) kept per slot, beside k, v and pos
@@ -86,8 +86,8 @@ class EvictionCache(LayerCache):
     # --- the rule ----------------------------------------------------------------------------------------
     def keep_scores(self, cand: dict[str, Tensor], probs: Tensor | None, last_pos: Tensor, decoding: bool) -> Tensor:
         """A score per candidate (B, nh, N), higher kept. `cand`: the candidates' `pos` (B, nh, N) (-1: empty or
-        padding) and per-slot state (`slot_state`); `probs` (B, nh, Tq, N): the attention of the
-        queries named by `attention_rows` in prefill, of the one new query in decoding (fp32); `last_pos` (B, 1, 1): the
+        padding) and per-slot state (`slot_state`); `probs` (B, nh, Tq, N): the attention of the queries named by
+        `attention_rows` in prefill, of the one new query in decoding (fp32 at least); `last_pos` (B, 1, 1): the
         newest token's position; `decoding`: a one-token step (else a prefill chunk)."""
         raise NotImplementedError
 
