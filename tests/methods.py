@@ -128,11 +128,12 @@ def eviction_bytes(budget: int, per_slot: int = 0, per_row: int = 0) -> BytesFor
     return formula
 
 
-def eviction_row(kind: str, per_slot: int = 0, per_row: int = 0, **kwargs: Any) -> Row:
-    """A budget of 6 slots: under the tests' contexts (7 to 17 tokens), so eviction really happens."""
+def eviction_row(kind: str, per_slot: int = 0, per_row: int = 0, compiled: bool = False, **kwargs: Any) -> Row:
+    """A budget of 6 slots: under the tests' contexts (7 to 17 tokens), so eviction really happens. Observed logit
+    errors are 0.06-0.08 x max |logit|; the bound of 0.5 sits between them and a cache that reads garbage (~1)."""
     return Row(
         kind, cache=kind, cache_kwargs={"budget": 6, **kwargs}, exact=False, lossy_bound=0.5, chunk_consistent=False,
-        bytes_per_token=eviction_bytes(6, per_slot, per_row),
+        bytes_per_token=eviction_bytes(6, per_slot, per_row), compiled_in_make_test=compiled,
     )  # fmt: skip
 
 
@@ -183,7 +184,7 @@ ROWS = [
         params_70m=({"layers": [-1]}, PYTHIA_70M + 788_992),  # LayerNorm(512) + 3 x Linear(512, 512)
     ),
     eviction_row("streaming_llm", sinks=2),
-    eviction_row("h2o", per_slot=4, window=2),
+    eviction_row("h2o", per_slot=4, compiled=True, window=2),  # ~11 s compiled: state, protection, scatter
     eviction_row("snapkv", per_row=4, window=2, kernel_size=3),
     eviction_row("tova"),
     eviction_row("knorm", per_slot=2),
