@@ -130,6 +130,32 @@ class ContextCheckConfig:
 
 
 @dataclass
+class LongContextConfig:
+    """Position-wise PPL past the training context: `windows` contiguous validation windows of each length in
+    `lengths` (at most the model's position limit), decoded token by token through each cache (`caches`, or every
+    cache of eval.caches when empty), in log-scale position buckets (kvcompress.evaluation.long_context)."""
+
+    enabled: bool = False
+    lengths: list[int] = field(default_factory=lambda: [512])
+    windows: int = 8
+    caches: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class PasskeyConfig:
+    """Passkey retrieval: a `digits`-digit key at each relative depth of filler text of each length, `trials` keys
+    a cell; greedy accuracy and the key's mean log-probability per cache (`caches`, or every cache of eval.caches
+    when empty)."""
+
+    enabled: bool = False
+    lengths: list[int] = field(default_factory=lambda: [256, 500])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    trials: int = 4
+    digits: int = 5
+    caches: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
     """After training: measured cache size, decode speed and optional extra evaluations."""
 
@@ -138,6 +164,8 @@ class EvalConfig:
     autoregressive: AutoregressiveConfig = field(default_factory=AutoregressiveConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
     context_check: ContextCheckConfig = field(default_factory=ContextCheckConfig)
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     # More caches to measure side by side: kinds' names or {name, kwargs, label}, e.g. [kv, {name: int4, kwargs:
     # {group_size: 16}}]; each gets its own settings (CacheConfig.parse).
     caches: list[Any] = field(default_factory=list)
@@ -152,6 +180,12 @@ class EvalConfig:
             cache = CacheConfig.parse(item)
             out.setdefault(cache.key, cache)
         return out
+
+    def caches_for(self, chosen: list[Any], setting: str) -> dict[str, CacheConfig]:
+        """The caches `chosen` for one evaluation (by key), or every cache when `chosen` is empty."""
+        if not chosen:
+            return self.all_caches()
+        return {c.key: c for c in (CacheConfig.parse(item, setting) for item in chosen)}
 
 
 def register_configs() -> None:

@@ -196,6 +196,9 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
         net.build_caches(1, 2, kind=cache.name, **cache.kwargs)
     if eval_cfg.context_check.enabled:
         eval_cfg.context_check.span(seq_len)
+    from kvcompress.evaluation.long_context import check_long_context
+
+    check_long_context(eval_cfg, net.cfg.max_position_embeddings)  # the lengths against the position limit
     if net.cfg.attention == "mka" and cfg.model.init_from is None and "base" not in cfg.phase.stages:
         raise ValueError(
             "model=mka has no base weights to load: set model.init_from (a Hugging Face Pythia directory or "

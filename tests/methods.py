@@ -90,8 +90,51 @@ def vdproj_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
     return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims + k + v) * e
 
 
+def vdproj_quant_bytes(group: int | None = None) -> BytesFormula:
+    """Palu: vdproj_bytes with the latents V_c (and K_c) as int8 + a scale per token (group None), or as packed
+    4-bit codes + a scale and a zero point per token and group of `group` channels."""
+
+    def latent(w: int, e: int) -> float:
+        if group is None:
+            return w + e
+        n_groups = next(n for n in range(-(-w // group), w + 1) if w % n == 0)  # the fewest equal groups <= group
+        return w // 2 + 2 * n_groups * e
+
+    def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
+        kw = cfg.attention_kwargs
+        width = lambda w, full: round(w * full) if isinstance(w, float) else w  # noqa: E731
+        v = latent(width(kw["rank"], cfg.n_embd), e)
+        if not kw.get("compress_k"):
+            return cfg.n_layer * (cfg.n_embd * e + v)
+        k = latent(width(kw["k_rank"], cfg.n_head * (cfg.head_size - cfg.rotary_ndims)), e)
+        return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims * e + k + v)
+
+    return formula
+
+
 def mka_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
     return (cfg.n_layer + 1) * 2 * cfg.n_embd * e  # [K, V] everywhere, plus the KA layer's [K, A] in the last
+
+
+def eviction_bytes(budget: int, per_slot: int = 0, per_row: int = 0) -> BytesFormula:
+    """`budget` slots per head of K, V (the model's dtype) and an int32 position, plus `per_slot` state bytes per
+    slot (H2O's scores, Knorm's norms) and `per_row` bytes per row (SnapKV's frozen boundary), per layer."""
+
+    def formula(cfg: ModelConfig, e: int, max_len: int) -> float:
+        slots = min(budget, max_len)
+        per_layer = cfg.n_head * slots * (2 * cfg.head_size * e + 4 + per_slot) + per_row
+        return cfg.n_layer * per_layer / max_len
+
+    return formula
+
+
+def eviction_row(kind: str, per_slot: int = 0, per_row: int = 0, compiled: bool = False, **kwargs: Any) -> Row:
+    """A budget of 6 slots: under the tests' contexts (7 to 17 tokens), so eviction really happens. Observed logit
+    errors are 0.06-0.08 x max |logit|; the bound of 0.5 sits between them and a cache that reads garbage (~1)."""
+    return Row(
+        kind, cache=kind, cache_kwargs={"budget": 6, **kwargs}, exact=False, lossy_bound=0.5, chunk_consistent=False,
+        bytes_per_token=eviction_bytes(6, per_slot, per_row), compiled_in_make_test=compiled,
+    )  # fmt: skip
 
 
 TINY_C, TINY_K = 64, 4 * (16 - 4)  # tiny: width 64, 4 heads of 16 with 4 rotary dims each
@@ -117,6 +160,18 @@ ROWS = [
         "vdproj_k", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, bytes_per_token=vdproj_bytes,
         degenerate=Degenerate({"rank": TINY_C, "compress_k": True, "k_rank": TINY_K}, set_identity=True),
     ),
+    Row(
+        "vdproj_int8", "vdproj", {"rank": 32}, cache="vdproj_int8", exact=False, lossy_bound=0.05,
+        bytes_per_token=vdproj_quant_bytes(), params_70m=({"rank": 320}, PYTHIA_70M + 1_971_072),
+    ),
+    Row(
+        "vdproj_k_int8", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, cache="vdproj_int8", exact=False,
+        lossy_bound=0.05, bytes_per_token=vdproj_quant_bytes(),
+    ),
+    Row(
+        "vdproj_int4", "vdproj", {"rank": 32, "compress_k": True, "k_rank": 24}, cache="vdproj_int4",
+        cache_kwargs={"group_size": 16}, exact=False, lossy_bound=0.1, bytes_per_token=vdproj_quant_bytes(16),
+    ),
     Row("ka", "ka", params_70m=({}, PYTHIA_70M), smoke=("model=ka",)),
     Row("ka_plain", cache="ka_plain", exact=False, lossy_bound=1.0, ragged_exact=False),
     Row(
@@ -128,5 +183,10 @@ ROWS = [
         degenerate=Degenerate({"layers": [-1], "zero_init": True}),
         params_70m=({"layers": [-1]}, PYTHIA_70M + 788_992),  # LayerNorm(512) + 3 x Linear(512, 512)
     ),
+    eviction_row("streaming_llm", sinks=2),
+    eviction_row("h2o", per_slot=4, compiled=True, window=2),  # ~11 s compiled: state, protection, scatter
+    eviction_row("snapkv", per_row=4, window=2, kernel_size=3),
+    eviction_row("tova"),
+    eviction_row("knorm", per_slot=2),
 ]  # fmt: skip
 ROWS_BY_NAME = {row.name: row for row in ROWS}

@@ -4,8 +4,9 @@ ragged == alone, bytes == formula, the degenerate setting == the base model, the
 shape, and a smoke training run.
 
 Compiling is slow on CPU (~15 s a kind at tiny shapes): `make test` compiles the rows marked
-`compiled_in_make_test` (the plain cache and int4, which has every static-shape device: ring window, group
-re-quantization, fused dequantization); the `slow` marker covers the others.
+`compiled_in_make_test` (the plain cache; int4, which has every static-shape device: ring window, group
+re-quantization, fused dequantization; and h2o, for the eviction caches' data-dependent slot writes and per-slot
+state); the `slow` marker covers the others.
 """
 
 from __future__ import annotations

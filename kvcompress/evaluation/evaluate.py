@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcompress.config import CacheConfig, ContextCheckConfig, EvalConfig
-from kvcompress.evaluation import metrics
+from kvcompress.evaluation import long_context, metrics
 from kvcompress.evaluation.windows import add_window_losses
 from kvcompress.models import GPTNeoX
 
@@ -129,6 +129,8 @@ def evaluate_cache(
         out["autoregressive_pos_ppl"] = metrics.position_ppl(losses)
         if windows is not None and window_ids is not None:
             add_window_losses(windows, f"cache:{key or cache.key}", window_ids, losses, buckets)
+        # Bytes at the length these windows decode to (a budget or a window of int4 depends on it).
+        out["eval_bytes_per_token"] = metrics.cache_bytes_per_token(net, kind, losses.shape[1], **kwargs)
     return out
 
 
@@ -167,6 +169,7 @@ def evaluate(
         out["autoregressive_ppl"] = main_result["autoregressive_ppl"]
     if cfg.context_check.enabled:
         out["context_check"] = context_check(net, datamodule, cfg.context_check, windows)
+    out.update(evaluate_long_context(net, datamodule, cfg))
     if cfg.reversal.enabled:
         out["reversal"] = metrics.reversal_probe(
             net,
@@ -175,4 +178,21 @@ def evaluate(
             cache=main.name if batches else None,
             cache_kwargs=main.kwargs,
         )
+    return out
+
+
+@torch.no_grad()
+def evaluate_long_context(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig) -> dict[str, Any]:
+    """`long_context` and `passkey` results, when enabled (kvcompress.evaluation.long_context)."""
+    out: dict[str, Any] = {}
+    lc, pk = cfg.long_context, cfg.passkey
+    long_context.check_long_context(cfg, net.cfg.max_position_embeddings)
+    if lc.enabled:
+        tokens = datamodule.val_dataset.tokens  # type: ignore[attr-defined]  # the validation stream
+        caches = cfg.caches_for(lc.caches, "eval.long_context.caches")
+        out["long_context"] = long_context.long_context(net, tokens, caches, lc.lengths, lc.windows)
+    if pk.enabled:
+        caches = cfg.caches_for(pk.caches, "eval.passkey.caches")
+        tokenizer = datamodule.tokenizer  # type: ignore[attr-defined]
+        out["passkey"] = long_context.passkey_probe(net, tokenizer, caches, pk.lengths, pk.depths, pk.trials, pk.digits)
     return out

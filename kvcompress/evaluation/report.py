@@ -13,6 +13,8 @@ split say so above the table and in the CSV (`train_on_test`). Writes `report.md
 position-wise PPL, PPL vs cache bytes per token (with the Pareto front), decode TPOT per cache, training curves
 (from each run's CSV log), as one set: into a temporary sibling folder swapped into place by renames, so an
 interrupted report never leaves a new table beside old plots.
+Also `pareto.md` with its plots: every cache of every run against its measured bytes, with paired 95% CIs
+(kvcompress.evaluation.pareto).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvcompress.evaluation.pareto import write_pareto
 from kvcompress.records import FAILURE_FILE, data_identity, result_config
 from kvcompress.utils import atomic_write, atomic_write_text, stable_hash
 
@@ -393,6 +396,19 @@ def _save(fig: Any, path: Path) -> Path:
 # ----------------------------------------------------------------------------- report
 
 
+def run_windows(folder: Path) -> dict[str, Any]:
+    """A run's per-window records (`windows.safetensors`), or nothing when it has none or they are damaged."""
+    from kvcompress.evaluation.windows import FILE, load_windows
+
+    if not (Path(folder) / FILE).is_file():
+        return {}
+    try:
+        return load_windows(folder)
+    except ValueError as err:
+        log.warning("%s", err)
+        return {}
+
+
 def write_report(
     runs: Sequence[RunResult],
     out_dir: str | os.PathLike,
@@ -424,6 +440,8 @@ def write_report(
         written["ppl_vs_bytes"] = plot_ppl_vs_bytes(rows, staging / "ppl_vs_bytes.png")
         written["tpot"] = plot_tpot(rows, staging / "tpot.png")
         written["training_curves"] = plot_training_curves(runs, staging / "training_curves.png")
+        with_windows = [(run.label, {**run.metrics, "_windows": run_windows(run.path)}) for run in runs]
+        written.update(write_pareto(with_windows, staging))  # pareto.md and its plots
         swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -504,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
     print(Path(written["markdown"]).read_text())
+    if "pareto" in written:
+        print(Path(written["pareto"]).read_text())
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

@@ -165,23 +165,23 @@ class VDProjAttention(Attention):
         """
         if not isinstance(cache, VDProjCache):
             raise cannot_serve(getattr(cache, "name", type(cache).__name__), self.name, self.cache_layout)
-        cache.write("v_c", self.compress_v(v), step)  # the cache gets V_c, never V
+        cache.put("v_c", self.compress_v(v), step)  # the cache gets V_c, never V
         if self.compress_k:
-            cache.write("k_rot", k[..., : self.rotary_ndims], step)
-            cache.write("k_c", self.compress_k_pass(k), step)
+            cache.put("k_rot", k[..., : self.rotary_ndims], step)
+            cache.put("k_c", self.compress_k_pass(k), step)
         else:
-            cache.write("k", k, step)
+            cache.put("k", k, step)
         if q.shape[-2] > cache.restore_above:
             return self._attend_restored(q, cache, step)
         return self._attend_absorbed(q, cache, step)
 
     def _keys(self, cache: VDProjCache, step: Step) -> Tensor:
         if self.compress_k:
-            return self.restore_k(cache.read("k_rot", step), cache.read("k_c", step))
-        return cache.read("k", step)
+            return self.restore_k(cache.get("k_rot", step), cache.get("k_c", step))
+        return cache.get("k", step)
 
     def _attend_restored(self, q: Tensor, cache: VDProjCache, step: Step) -> Tensor:
-        v = self.restore_v(cache.read("v_c", step))  # (B, nh, L, hs)
+        v = self.restore_v(cache.get("v_c", step))  # (B, nh, L, hs)
         return F.scaled_dot_product_attention(q, self._keys(cache, step), v, attn_mask=step.mask)
 
     def _attend_absorbed(self, q: Tensor, cache: VDProjCache, step: Step) -> Tensor:
@@ -193,13 +193,13 @@ class VDProjAttention(Attention):
             w_k = self.k_restore.weight.view(nh, ps, kr)  # rows of head h: (nh, ps, kr)
             q_pass = q[..., rd:].transpose(0, 1).reshape(nh, B * T, ps)  # (nh, B*T, ps)
             q_abs = torch.bmm(q_pass, w_k).view(nh, B, T, kr).transpose(0, 1)  # (B, nh, T, kr)
-            k_c = cache.read("k_c", step)  # (B, L, kr)
+            k_c = cache.get("k_c", step)  # (B, L, kr)
             L = k_c.shape[1]
             scores = torch.bmm(q_abs.reshape(B, nh * T, kr), k_c.transpose(1, 2)).view(B, nh, T, L)
             if rd:
-                scores = scores + q[..., :rd] @ cache.read("k_rot", step).transpose(-1, -2)  # (B, nh, T, L)
+                scores = scores + q[..., :rd] @ cache.get("k_rot", step).transpose(-1, -2)  # (B, nh, T, L)
         else:
-            scores = q @ cache.read("k", step).transpose(-1, -2)  # (B, nh, T, L)
+            scores = q @ cache.get("k", step).transpose(-1, -2)  # (B, nh, T, L)
             L = scores.shape[-1]
         scores = scores.masked_fill(~step.mask, float("-inf"))
         if scores.dtype in (torch.float32, torch.float64):
@@ -208,7 +208,7 @@ class VDProjAttention(Attention):
             p = scores.float().softmax(dim=-1).to(scores.dtype)
         # V_c is shared by the heads: one (nh*T, L) @ (L, rank) product per sequence, no per-head copy.
         r = self.rank
-        pv = torch.bmm(p.reshape(B, nh * T, L), cache.read("v_c", step))  # (B, nh*T, r)
+        pv = torch.bmm(p.reshape(B, nh * T, L), cache.get("v_c", step))  # (B, nh*T, r)
         pv = pv.view(B, nh, T, r).transpose(0, 1).reshape(nh, B * T, r)  # (nh, B*T, r), a view when T == 1
         w_v = self.v_restore.weight.view(nh, hs, r).transpose(1, 2)  # rows of head h, transposed: (nh, r, hs)
         a = torch.baddbmm(self.v_restore.bias.view(nh, 1, hs), pv, w_v)  # (nh, B*T, hs)
@@ -220,7 +220,8 @@ class VDProjCache(LayerCache):
     """Keys (B, nh, max_len, hs) and compressed values V_c (B, max_len, rank).
 
     With `compress_k`: rotary keys (B, nh, max_len, rd) and compressed non-rotary keys (B, max_len, k_rank).
-    A buffer holder: `VDProjAttention.decode` writes and reads it (the absorbed weights are the attention's).
+    A buffer holder: `VDProjAttention.decode` stores and loads its tensors by name (`put`, `get`; the absorbed
+    weights are the attention's), so a subclass may store them otherwise (methods/palu.py: V_c and K_c quantized).
     """
 
     def __init__(
@@ -245,6 +246,14 @@ class VDProjCache(LayerCache):
         else:
             self.buffers["k"] = torch.zeros(B, n_head, max_len, head_size, **kw)
         self.buffers["v_c"] = torch.zeros(B, max_len, rank, **kw)
+
+    def put(self, name: str, x: Tensor, step: Step) -> None:
+        """Store the new tokens' `name` tensor (`v_c`, `k_c`, `k_rot` or `k`) at the step's slots."""
+        self.write(name, x, step)
+
+    def get(self, name: str, step: Step) -> Tensor:
+        """The stored `name` tensor of the slots the step reads, in the dtype it was given."""
+        return self.read(name, step)
 
     @classmethod
     def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> VDProjCache:

@@ -80,13 +80,15 @@ class Step:
 
     `slots` (T,): buffer slots of the new tokens. `mask` (B, 1, T, n): which slots each new token sees
     (n = `n_read`, or the whole buffer when `n_read` is None, as in the compiled decode step).
-    `positions` (B, T): each token's position, for rope.
+    `positions` (B, T): each token's position, for rope. `offset` (B,): each row's left padding (a token at a
+    slot below it is padding), for caches that keep their own slots (eviction).
     """
 
     slots: Tensor
     mask: Tensor
     positions: Tensor
     n_read: int | None = None
+    offset: Tensor | None = None
 
 
 def eager_step(state: DecodeState, n_new: int) -> Step:
@@ -113,7 +115,7 @@ def span_step(start: int, n_new: int, offset: Tensor) -> Step:
     real = cols[None, None, :] >= offset[:, None, None]  # (B, 1, n)
     mask = causal & (real | (cols[None, :] == slots[:, None]))  # (B, T, n)
     positions = (slots[None, :] - offset[:, None]).clamp_min(0)  # (B, T)
-    return Step(slots, mask.unsqueeze(1), positions, n_read=start + n_new)
+    return Step(slots, mask.unsqueeze(1), positions, n_read=start + n_new, offset=offset)
 
 
 def static_step(state: DecodeState) -> Step:
@@ -125,7 +127,7 @@ def static_step(state: DecodeState) -> Step:
     cols = torch.arange(state.max_len, device=slots.device)
     mask = (cols[None, :] >= state.offset[:, None]) & (cols[None, :] <= slots)  # (B, L)
     positions = (slots - state.offset)[:, None]  # (B, 1)
-    return Step(slots, mask[:, None, None, :], positions)
+    return Step(slots, mask[:, None, None, :], positions, offset=state.offset)
 
 
 class LayerCache:
