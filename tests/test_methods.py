@@ -29,7 +29,7 @@ TINY = ModelConfig.from_name("tiny")
 
 
 def model_of(row: Row, seed: int = 0) -> GPTNeoX:
-    cfg = ModelConfig.from_name("tiny", attention=row.attention, attention_kwargs=row.attention_kwargs)
+    cfg = ModelConfig.from_name("tiny", attention=row.attention, attention_kwargs=row.attention_kwargs, **row.overrides)
     return randomized(GPTNeoX(cfg), seed=seed, dtype=torch.float64)
 
 
@@ -160,7 +160,9 @@ def test_measured_bytes_follow_the_formula(row: Row) -> None:
             cfg = model_of(row).cfg
             assert caches.nbytes() / (3 * max_len) == pytest.approx(row.bytes_per_token(cfg, e, max_len), rel=1e-12)
     kwargs = row.params_70m[0] if row.params_70m else row.attention_kwargs
-    big = ModelConfig.from_name("pythia-70m", vocab_size=8, attention=row.attention, attention_kwargs=kwargs)
+    big = ModelConfig.from_name(
+        "pythia-70m", vocab_size=8, attention=row.attention, attention_kwargs=kwargs, **row.overrides
+    )
     with torch.device("meta"):  # no weights are needed to size the caches
         model = GPTNeoX(big)
     kw = {**row.cache_kwargs, "device": "cpu", "dtype": torch.float32}
@@ -171,8 +173,8 @@ def test_measured_bytes_follow_the_formula(row: Row) -> None:
 @pytest.mark.parametrize("row", [r for r in ROWS if r.degenerate], ids=str)
 def test_degenerate_setting_reproduces_the_base_model(row: Row) -> None:
     assert row.degenerate is not None
-    base = randomized(GPTNeoX(TINY), dtype=torch.float64)
-    cfg = TINY.with_(attention=row.attention, attention_kwargs=row.degenerate.kwargs)
+    base = randomized(GPTNeoX(TINY.with_(**row.overrides)), dtype=torch.float64)
+    cfg = TINY.with_(attention=row.attention, attention_kwargs=row.degenerate.kwargs, **row.overrides)
     model = GPTNeoX(cfg).double().eval()  # the method's own init of what it adds
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and missing  # the method adds weights, and only adds
@@ -195,7 +197,9 @@ def test_parameter_count_at_the_pythia_70m_shape(row: Row) -> None:
     assert row.params_70m is not None
     kwargs, expected = row.params_70m
     with torch.device("meta"):
-        model = GPTNeoX(ModelConfig.from_name("pythia-70m", attention=row.attention, attention_kwargs=kwargs))
+        model = GPTNeoX(
+            ModelConfig.from_name("pythia-70m", attention=row.attention, attention_kwargs=kwargs, **row.overrides)
+        )
     assert model.num_parameters() == expected
 
 

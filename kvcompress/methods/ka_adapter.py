@@ -69,6 +69,6 @@ class KAAdapterAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
         a = super().attend(q, k, v, aux)  # (B, nh, T, hs), before W_O
-        if aux is not None:
-            aux.setdefault("adapter", []).append(adapter_loss(self.ka_adapter, a, v, self.target))
+        if aux is not None:  # per K/V group, the KA cache keeps the mean of its heads' outputs
+            aux.setdefault("adapter", []).append(adapter_loss(self.ka_adapter, self.group_mean(a), v, self.target))
         return a

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.models.caches import LayerCache, Step, register_cache
+from kvcompress.models.caches import LayerCache, Step, register_cache, sdpa
 
 __all__ = ["Int4KVCache", "Int8KVCache"]
 
@@ -34,7 +34,7 @@ def _softmax(scores: Tensor) -> Tensor:
 
 @register_cache("int8", layouts=("kv",))
 class Int8KVCache(LayerCache):
-    """K and V quantized to int8 per (token, head), with absmax scales kept in the model's dtype.
+    """K and V quantized to int8 per (token, K/V head), with absmax scales kept in the model's dtype.
 
     Per token, head and layer it holds `2 * (head_size + scale bytes)` bytes instead of
     `2 * head_size * element_size`. Lossy: new tokens also attend over their own dequantized K/V,
@@ -70,7 +70,14 @@ class Int8KVCache(LayerCache):
         kq, ks = self.read("k", step), self.read("k_scale", step).to(q.dtype)  # (B, nh, L, hs), (B, nh, L, 1)
         vq, vs = self.read("v", step), self.read("v_scale", step).to(q.dtype)
         if q.shape[-2] > 1:  # prefill: dequantize what is read
-            return F.scaled_dot_product_attention(q, kq.to(q.dtype) * ks, vq.to(q.dtype) * vs, attn_mask=step.mask)
+            return sdpa(q, kq.to(q.dtype) * ks, vq.to(q.dtype) * vs, attn_mask=step.mask)
+        if q.shape[1] != kq.shape[1]:  # grouped K/V heads: the group's query heads as rows of one product
+            B, nh, _, hs = q.shape
+            g = kq.shape[1]
+            qg = q.reshape(B, g, nh // g, hs)
+            scores = (qg @ kq.to(q.dtype).mT) * ks.mT * hs**-0.5  # (B, g, r, L)
+            pv = _softmax(scores.masked_fill(~step.mask, float("-inf"))) * vs.mT  # (B, g, r, L)
+            return (pv @ vq.to(q.dtype)).view(B, nh, 1, hs)
         # One query per row: K scales fold into the scores, V scales into the probabilities.
         scores = (q * kq.to(q.dtype)).sum(-1, keepdim=True) * ks * q.shape[-1] ** -0.5  # (B, nh, L, 1)
         scores = scores.mT.masked_fill(~step.mask, float("-inf"))  # (B, nh, 1, L)
@@ -103,7 +110,7 @@ def _quantize4(x: Tensor, dim: int, valid: Tensor | None = None) -> tuple[Tensor
 
 @register_cache("int4", layouts=("kv",))
 class Int4KVCache(LayerCache):
-    """KIVI-style 4-bit cache: K per channel (groups of `group_size` tokens), V per token (groups of
+    """KIVI-style 4-bit cache (per K/V head): K per channel (groups of `group_size` tokens), V per token (groups of
     `group_size` channels), the last `window` tokens in full precision (a ring buffer).
 
     Buffers: `k`, `v` packed codes (B, nh, L, hs/2) uint8; `k_scale`, `k_zero` (B, nh, L/G, hs);
@@ -221,9 +228,19 @@ class Int4KVCache(LayerCache):
             k_past[:, :, recent] = self.buffers["k_win"][:, :, recent % self.window].to(q.dtype)
             v_past[:, :, recent] = self.buffers["v_win"][:, :, recent % self.window].to(q.dtype)
         keys, values = torch.cat((k_past, k), dim=-2), torch.cat((v_past, v), dim=-2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        return sdpa(q, keys, values, attn_mask=step.mask)
 
     def _attend_decode(self, q: Tensor, step: Step) -> Tensor:
+        """One query per row; with grouped K/V heads, each of a group's query heads in turn (a static loop)."""
+        B, nh, _, hs = q.shape
+        g = self.buffers["v"].shape[1]
+        if g == nh:
+            return self._attend_decode_heads(q, step)
+        per_head = q.view(B, g, nh // g, hs)
+        outs = [self._attend_decode_heads(per_head[:, :, i, None], step) for i in range(nh // g)]  # (B, g, 1, hs)
+        return torch.cat(outs, dim=2).view(B, nh, 1, hs)
+
+    def _attend_decode_heads(self, q: Tensor, step: Step) -> Tensor:
         """One query per row over the codes (older than the window) and the window.
 
         Scales fold into the small operands (q * K scale per group and channel; p * V scale per token and
