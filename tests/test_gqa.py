@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import random_ids, randomized
+from test_train import smoke, stage
+from test_train import text_file as text_file  # a fixture
 from torch import Tensor
 
 import kvcompress.methods  # noqa: F401  (registers attentions and caches)
@@ -14,7 +16,9 @@ from kvcompress.models import GPTNeoX, ModelConfig, build_model, pool_kv_heads
 from kvcompress.models.gpt_neox import Attention, apply_rotary
 from kvcompress.models.gqa import fit_kv_heads, split_qkv_rows
 from kvcompress.models.hf import config_to_hf, to_hf_model
-from kvcompress.models.weights import save_weights
+from kvcompress.models.weights import load_weights, save_weights
+from kvcompress.records import uptrain_steps
+from kvcompress.run import train
 
 TINY = ModelConfig.from_name("tiny")
 
@@ -148,3 +152,27 @@ def test_hf_export_refuses_grouped_heads() -> None:
         with pytest.raises(ValueError, match=r"n_kv_head=2 < n_head=4: Hugging Face GPT-NeoX has no grouped K/V heads"):
             call()
     assert config_to_hf(TINY.with_(n_kv_head=4)).num_attention_heads == 4  # n_kv_head = n_head exports
+
+
+def test_gqa_uptrain_phase_pools_a_run_records_its_start_and_trains_its_share(tmp_path, text_file) -> None:
+    """phase=gqa_uptrain over a trained run: with uptrain_share=0 the result is the mean-pooled model exactly (and
+    its start PPL is its final PPL); a share is round(share x the run's recorded steps) (5% by default)."""
+    base = train(smoke(tmp_path, text_file))
+    base_weights = load_weights(stage(base, "lm")["weights"])
+    gqa = ("phase=gqa_uptrain", f"model.init_from={tmp_path / 'run'}", "++model.overrides.n_kv_head=2")
+    zero = train(smoke(tmp_path / "zero", text_file, *gqa, "phase.uptrain_share=0"))
+    record = stage(zero, "gqa")
+    cfg = ModelConfig.from_name("pythia-70m", n_layer=2, n_embd=64, n_head=4, intermediate_size=128)
+    pooled = pool_kv_heads(base_weights, cfg, cfg.with_(n_kv_head=2))
+    weights = load_weights(record["weights"])
+    assert record["steps"] == 0 and weights.keys() == pooled.keys()
+    assert all(torch.equal(weights[k], pooled[k]) for k in pooled)
+    assert record["start_val_ppl"] == record["val_ppl"]
+    assert uptrain_steps(str(tmp_path / "run"), 0.05) == max(1, round(0.05 * stage(base, "lm")["steps"]))
+    assert uptrain_steps(stage(base, "lm")["weights"], 0.5) == round(0.5 * stage(base, "lm")["steps"])
+    # The budget itself (Stage.max_steps) is tested with the phase runner (tests/test_phases.py).
+
+
+def test_gqa_uptrain_without_a_trained_run_is_one_line(tmp_path, text_file) -> None:
+    with pytest.raises(ValueError, match="this phase needs model.init_from"):
+        train(smoke(tmp_path, text_file, "phase=gqa_uptrain"))

@@ -62,6 +62,9 @@ class Stage:
     losses: dict[str, Any] = field(default_factory=lambda: {"lm": 1.0})
     lr: float = 3e-4
     max_epochs: int = 10
+    # A step budget: each epoch trains at most ceil(max_steps / max_epochs) batches (Lightning's limit_train_batches),
+    # e.g. max_steps batches with max_epochs=1, or fewer if an epoch is shorter (0: validation only); None: whole epochs.
+    max_steps: int | None = None
     patience: int | None = 1  # early-stopping patience in validations; None disables it
     monitor: str = "val_loss"
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the run's data config
@@ -76,6 +79,8 @@ class Stage:
             raise ValueError(f"stage name must be non-empty without '/': {self.name!r}")
         where = f"phase.stages.{self.name}"
         require_int(self.max_epochs, f"{where}.max_epochs", minimum=1)
+        if self.max_steps is not None:
+            require_int(self.max_steps, f"{where}.max_steps", minimum=0)
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr < float("inf"):
             raise ValueError(f"{where}.lr must be a positive number, got {self.lr!r}")
         if self.patience is not None:
@@ -359,6 +364,10 @@ class PhaseRunner:
 
     def _make_trainer(self, stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         trainer = self.make_trainer(stage, callbacks, max_epochs)
+        if stage.max_steps is not None:  # the stage's step budget, spread over its (uncapped) epochs
+            per_epoch = -(-stage.max_steps // stage.max_epochs)
+            limit = trainer.limit_train_batches
+            trainer.limit_train_batches = min(per_epoch, limit) if isinstance(limit, int) else per_epoch
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic writes, weights_only reads
         set_log_step(trainer, self.step)  # a resumed fit restores its own (same) value from last.ckpt
         return trainer
