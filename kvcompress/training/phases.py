@@ -63,7 +63,7 @@ class Stage:
     lr: float = 3e-4
     max_epochs: int = 10
     # A step budget: each epoch trains at most ceil(max_steps / max_epochs) batches (Lightning's limit_train_batches),
-    # e.g. max_steps batches with max_epochs=1, or fewer if an epoch is shorter (0: validation only); None: whole epochs.
+    # e.g. max_steps batches with max_epochs=1, fewer if an epoch is shorter (0: validation only); None: whole epochs.
     max_steps: int | None = None
     patience: int | None = 1  # early-stopping patience in validations; None disables it
     monitor: str = "val_loss"
