@@ -143,6 +143,12 @@ class Attention(nn.Module):
         """Uncached attention over the whole sequence; returns A = P V, (B, nh, T, hs)."""
         return sdpa(q, k, v, is_causal=True)
 
+    @staticmethod
+    def model_aux(model: GPTNeoX, input_ids: Tensor, aux: Aux) -> None:
+        """Hook: auxiliary losses that need the whole model (e.g. a second, differently decoded pass), added to `aux`
+        once per uncached forward with `aux` (once per attention class). `aux` arrives with the loss names the
+        training stage weights as keys, so a costly loss can be computed only when asked for."""
+
     def decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, step: Step) -> Tensor:
         """Cached attention of the new tokens (B, nh, T, hs): the cache stores them and reads itself."""
         return cache.attend(q, k, v, step)
@@ -234,6 +240,9 @@ class GPTNeoX(nn.Module):
         With `caches`, input_ids continue the cached sequence (eagerly; see `generate.decode_step`).
         """
         x = self.trunk(input_ids, caches, aux)
+        if aux is not None and caches is None:
+            for hook in dict.fromkeys(type(cast(Attention, layer.attention)).model_aux for layer in self.layers):
+                hook(self, input_ids, aux)
         return self.head(x[:, -1:] if last_only else x)
 
     def trunk(self, input_ids: Tensor, caches: Caches | None = None, aux: Aux | None = None) -> Tensor:
