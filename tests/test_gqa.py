@@ -176,3 +176,15 @@ def test_gqa_uptrain_phase_pools_a_run_records_its_start_and_trains_its_share(tm
 def test_gqa_uptrain_without_a_trained_run_is_one_line(tmp_path, text_file) -> None:
     with pytest.raises(ValueError, match="this phase needs model.init_from"):
         train(smoke(tmp_path, text_file, "phase=gqa_uptrain"))
+
+
+def test_a_hugging_face_model_loads_mean_pooled() -> None:
+    from test_model import random_hf
+
+    from kvcompress.models.hf import from_hf_model
+
+    hf = random_hf(0, True)
+    mha = from_hf_model(hf)
+    gqa = from_hf_model(hf, n_kv_head=2)
+    expected = pool_kv_heads(mha.state_dict(), mha.cfg, mha.cfg.with_(n_kv_head=2))
+    assert gqa.cfg.kv_heads == 2 and all(torch.equal(v, expected[k]) for k, v in gqa.state_dict().items())
