@@ -160,8 +160,10 @@ def test_gqa_uptrain_phase_pools_a_run_records_its_start_and_trains_its_share(tm
     base = train(smoke(tmp_path, text_file))
     base_weights = load_weights(stage(base, "lm")["weights"])
     gqa = ("phase=gqa_uptrain", f"model.init_from={tmp_path / 'run'}", "++model.overrides.n_kv_head=2")
-    zero = train(smoke(tmp_path / "zero", text_file, *gqa, "phase.uptrain_share=0"))
+    zero = train(smoke(tmp_path / "zero", text_file, *gqa, "phase.uptrain_share=0", "eval=windows"))
     record = stage(zero, "gqa")
+    start, end = record["start_windows"], zero["windows"]  # per-window losses of the pooled start and the result
+    assert start["sha256"] == end["sha256"] and start["parallel"] == pytest.approx(end["parallel"], abs=1e-9)
     cfg = ModelConfig.from_name("pythia-70m", n_layer=2, n_embd=64, n_head=4, intermediate_size=128)
     pooled = pool_kv_heads(base_weights, cfg, cfg.with_(n_kv_head=2))
     weights = load_weights(record["weights"])

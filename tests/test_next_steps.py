@@ -67,13 +67,14 @@ def test_window_losses_are_the_per_window_means_of_each_cache() -> None:
     torch.testing.assert_close(parallel, token_losses(model, ids[:6]).mean(1))
     ka = autoregressive_token_losses(model, ids[:6], "ka_plain").mean(1)
     torch.testing.assert_close(torch.tensor(out["autoregressive"]["ka_plain"], dtype=torch.float64), ka)
+    assert hook.__class__(max_batches=2)(net=model, datamodule=ValData(ids))["sha256"] == out["sha256"]  # unkeyed
     with pytest.raises(ValueError, match="cannot serve"):
         WindowLosses(caches=["vdproj"]).check(model)
 
 
 def fake_run(spec: RunSpec, windows: dict, adapter_curve: list[tuple[float, float]] | None = None) -> None:
     spec.folder.mkdir(parents=True)
-    metrics = {"windows": windows, "caches": {k: {"bytes_per_token": 2048.0} for k in ("kv", "ka_plain", "ka")}}
+    metrics = {"windows": windows, "caches": {k: {"bytes_per_token": 2048.0} for k in ("native", "ka_plain", "ka")}}
     metrics["stages"] = [
         {"name": "gqa", "start_windows": {**windows, "parallel": [x + 0.5 for x in windows["parallel"]]}}
     ]

@@ -26,7 +26,9 @@ class WindowLosses:
     """The first `max_batches` validation batches (all ranks' windows), scored per window: `parallel` (one
     teacher-forced forward) and `autoregressive.<cache>` (token by token with that cache kind)."""
 
-    def __init__(self, caches: Sequence[str] = (), max_batches: int = 4, key: str = "windows") -> None:
+    def __init__(self, caches: Sequence[str] = (), max_batches: int = 4, key: str | None = None) -> None:
+        """`key`: the result under that name (a stage hook's, e.g. `start_windows`, joins the stage record), or
+        the result itself (an evaluation's: `eval.extra.<name>` names it)."""
         if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
             raise ValueError(f"WindowLosses max_batches must be an integer >= 1, got {max_batches!r}")
         self.caches = [str(c) for c in caches]
@@ -61,4 +63,4 @@ class WindowLosses:
             },
         }
         net.train(was_training)
-        return {self.key: out}
+        return out if self.key is None else {self.key: out}

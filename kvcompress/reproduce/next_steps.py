@@ -67,7 +67,7 @@ def windows_record(path: str) -> str:
     return path.partition(".parallel")[0] if ".parallel" in path else path.partition(".autoregressive")[0]
 
 
-KV, KA_PLAIN, KA = (f"caches.{kind}.bytes_per_token" for kind in ("kv", "ka_plain", "ka"))
+KV, KA_PLAIN, KA = (f"caches.{kind}.bytes_per_token" for kind in ("native", "ka_plain", "ka"))  # native: kv
 PARALLEL, START = "windows.parallel", "stages.gqa.start_windows.parallel"
 AR_PLAIN, AR_KA = "windows.autoregressive.ka_plain", "windows.autoregressive.ka"
 ROWS = [
