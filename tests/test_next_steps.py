@@ -113,3 +113,47 @@ def test_windows_of_different_text_are_never_paired(tmp_path: Path) -> None:
     for spec in specs:
         fake_run(spec, {"sha256": spec.name, "parallel": [3.0, 3.1, 2.9], "autoregressive": {}})
     assert "not the same windows (seeds [0])" in "\n".join(section(specs, resamples=50))
+
+
+@pytest.mark.slow
+def test_the_chain_runs_in_smoke_form_and_fills_its_rows(tmp_path: Path) -> None:
+    """baseline -> GQA-2 uptrained from it -> a KA adapter on each, with the protocol's own overrides minus the mini
+    data and shape (debug=smoke on a small local corpus), then NEXT_STEPS.md from their metrics."""
+    import random
+
+    from helpers import train_tokenizer
+    from test_train import WORDS, smoke
+
+    from kvcompress.run import train
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    lines = [" ".join(rng.choice(WORDS) for _ in range(40)) + " ." for _ in range(200)]
+    corpus.write_text("\n".join(lines))
+    train_tokenizer(lines[:50], tmp_path / "tokenizer.json", vocab_size=300)
+    keep = (
+        "experiment=",
+        "attention=",
+        "phase=",
+        "phase.",
+        "++phase.",
+        "eval",
+        "model.init_from",
+        "++model.overrides.n",
+    )
+    specs = [
+        s
+        for s in next_steps_plan(tmp_path, seeds=(0,))
+        if s.name in ("baseline", "gqa2", "ka_adapter", "gqa2_ka_adapter")
+    ]
+    for spec in specs:
+        overrides = [o for o in spec.overrides if o.startswith(keep) and "epochs_cap" not in o]
+        cfg = smoke(spec.folder, corpus, *overrides, "eval.autoregressive.max_batches=1")
+        metrics = train(cfg)
+        (spec.folder / "metrics.json").write_text((spec.folder / "run" / "metrics.json").read_text())
+        assert metrics["stages"]
+    text = "\n".join(section(specs, resamples=50))
+    for label in ("MHA, KV cache", "GQA-2 pooled, before uptraining, KV", "GQA-2, KA cache + adapter"):
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert "(n=1)" in line, line
+    assert "not the same windows" not in text
