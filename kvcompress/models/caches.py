@@ -43,7 +43,8 @@ __all__ = [
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
     """`scaled_dot_product_attention` of q (B, nh, T, hs) over k, v (B, g, L, d) with g dividing nh: query head h reads
-    K/V head h // (nh / g) (SDPA's `enable_gqa`; on this project's CPU about 1.3-2.8x faster than repeating K/V)."""
+    K/V head h // (nh / g) (SDPA's `enable_gqa`: on this project's 2-core CPU, 4 heads of 32, T=128, batch 16, it
+    took 1.1-1.6x less time than `repeat_interleave` of K/V for forward + backward, 2.1-2.6x less for a decode step)."""
     gqa = q.shape[-3] != k.shape[-3]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
 
