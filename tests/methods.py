@@ -15,7 +15,8 @@ Columns:
   method's model after loading the base's weights; `set_identity` calls that method on every attention);
 - `params_70m`: (attention kwargs at Pythia-70M, the expected parameter count);
 - `smoke`: overrides of a `debug=smoke` training run whose metrics.json cache bytes must equal the formula;
-- `compiled_in_make_test`: the compiled decode step is compared with eager in `make test` (slow elsewhere).
+- `compiled_in_make_test`: the compiled decode step is compared with eager in `make test` (slow elsewhere);
+- `slow`: the row's whole battery runs under the `slow` marker (a combination whose parts cheaper rows cover).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Row:
     params_70m: tuple[dict[str, Any], int] | None = None
     smoke: tuple[str, ...] | None = None
     compiled_in_make_test: bool = False
+    slow: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -151,16 +153,17 @@ ROWS = [
     Row(
         "gqa2_int4", cache="int4", cache_kwargs={"group_size": 4, "window": 6}, overrides={"n_kv_head": 2},
         exact=False, lossy_bound=0.1, ragged_exact=False, chunk_consistent=False, bytes_per_token=int4_bytes(4, 6),
+        slow=True,
     ),
     # KA-Attention with grouped K/V: one A per group (the mean of its heads' outputs), so the KA cache is exact.
     Row(
         "gqa2_ka", "ka", overrides={"n_kv_head": 2}, params_70m=({}, gqa_params(2)),
     ),
-    Row("mqa_ka", "ka", overrides={"n_kv_head": 1}),
+    Row("mqa_ka", "ka", overrides={"n_kv_head": 1}, slow=True),
     # The KA cache on a standard GQA model (report 000's lossy cache): per group, the mean of its heads' outputs.
     Row(
         "gqa2_ka_plain", cache="ka_plain", overrides={"n_kv_head": 2}, exact=False, lossy_bound=1.0,
-        ragged_exact=False,
+        ragged_exact=False, slow=True,
     ),
     Row(
         "gqa2_ka_adapter", "ka_adapter", cache="ka", overrides={"n_kv_head": 2}, exact=False, lossy_bound=1.0,
@@ -176,11 +179,11 @@ ROWS = [
     Row(
         "gqa2_vdproj_k", "vdproj", {"rank": 16, "compress_k": True, "k_rank": 12}, overrides={"n_kv_head": 2},
         bytes_per_token=vdproj_bytes,
-        degenerate=Degenerate({"rank": 32, "compress_k": True, "k_rank": 24}, set_identity=True),
+        degenerate=Degenerate({"rank": 32, "compress_k": True, "k_rank": 24}, set_identity=True), slow=True,
     ),
     Row(
         "gqa2_mka", "mka", {"layers": [-1], "zero_init": False}, overrides={"n_kv_head": 2},
-        bytes_per_token=mka_bytes, degenerate=Degenerate({"layers": [-1], "zero_init": True}),
+        bytes_per_token=mka_bytes, degenerate=Degenerate({"layers": [-1], "zero_init": True}), slow=True,
     ),
 ]  # fmt: skip
 ROWS_BY_NAME = {row.name: row for row in ROWS}
