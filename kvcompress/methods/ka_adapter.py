@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import Caches, DecodeState, LayerCache, Step, group_mean, sdpa
+from kvcompress.models.caches import Caches, DecodeState, LayerCache, Step, group_mean, grouped_matmul
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import Attention, Aux, GPTNeoX, register_attention
 
@@ -141,17 +141,26 @@ class UnrolledKACache(LayerCache):
         self.adapter, self.chunk = adapter, chunk
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """a_t = sum_{j<t} P[t, j] V'(Ā[j]) + P[t, t] V[t], position by position. P does not depend on the cache (q and
+        k are the layer's), so it is computed once for all positions; only the mixing of the past is a loop."""
+        B, nh, T, hs = q.shape
         g = k.shape[1]
+        ct = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+        scores = grouped_matmul(q.to(ct) * hs**-0.5, k.to(ct).mT)  # (B, nh, T, T)
+        p = scores.masked_fill(~step.mask, float("-inf")).softmax(dim=-1)
+        diag = p.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, nh, T, 1)
+        own = (diag.view(B, g, nh // g, T, 1) * v.to(ct).unsqueeze(2)).view(B, nh, T, hs)  # P[t, t] V[t]
         past: list[Tensor] = []  # V'(Ā[j]), (B, g, 1, hs) each
         outputs = []
-        for t in range(q.shape[-2]):
+        for t in range(T):
             if self.chunk is not None and t and t % self.chunk == 0:
-                past = [p.detach() for p in past]
-            values = torch.cat([*past, v[:, :, t : t + 1]], dim=2)  # (B, g, t + 1, hs)
-            a_t = sdpa(q[:, :, t : t + 1], k[:, :, : t + 1], values, attn_mask=step.mask[:, :, t : t + 1, : t + 1])
-            past.append(self.adapter(group_mean(a_t, g)))
+                past = [x.detach() for x in past]
+            a_t = own[:, :, t : t + 1]
+            if t:
+                a_t = a_t + grouped_matmul(p[:, :, t : t + 1, :t], torch.cat(past, dim=2))
+            past.append(self.adapter(group_mean(a_t, g).to(v.dtype)).to(ct))
             outputs.append(a_t)
-        return torch.cat(outputs, dim=2)
+        return torch.cat(outputs, dim=2).to(q.dtype)
 
 
 def unrolled_token_losses(
