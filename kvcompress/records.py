@@ -10,6 +10,7 @@ tag W&B runs from the same overrides, so the jobs of a sweep differ on the dashb
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -97,12 +98,41 @@ def register_resolvers() -> None:
         "kvc.precision": _precision,
         "kvc.devices": _devices,
         "kvc.wandb_offline": _wandb_offline,
+        "kvc.uptrain_steps": uptrain_steps,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("kvc.pid"):
         OmegaConf.register_new_resolver("kvc.pid", os.getpid, use_cache=True)
+
+
+def recorded_steps(init_from: str | os.PathLike) -> int:
+    """The optimizer steps that trained the weights in `init_from`, from their record: a run folder's metrics.json
+    (the sum over its stages) or the `done.json` beside a stage's `weights.safetensors` (that stage's)."""
+    path = Path(init_from).expanduser()
+    try:
+        if path.is_dir():
+            stages = json.loads((path / "metrics.json").read_text())["stages"]
+            return sum(int(stage.get("steps") or 0) for stage in stages)
+        return int(json.loads((path.parent / "done.json").read_text())["metrics"]["steps"])
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"model.init_from={init_from}: no record of its training steps (a run folder with metrics.json, or a "
+            f"stage's weights.safetensors beside its done.json) to take a share of ({type(err).__name__}: {err})"
+        ) from None
+
+
+def uptrain_steps(init_from: Any, share: Any) -> int:
+    """`${kvc.uptrain_steps:<init_from>,<share>}`: round(share x the steps that trained `init_from`), at least 1
+    when share > 0 (phase=gqa_uptrain: Ainslie et al. 2023 uptrain for 5% of the original steps)."""
+    if init_from is None:
+        raise ValueError("this phase needs model.init_from: a trained run's folder or a stage's weights.safetensors")
+    share = float(share)
+    if not 0.0 <= share:
+        raise ValueError(f"phase.uptrain_share must be >= 0, got {share}")
+    steps = round(share * recorded_steps(str(init_from)))
+    return max(steps, 1) if share > 0 else 0
 
 
 def git_state(path: str | Path | None = None) -> dict[str, Any] | None:

@@ -602,9 +602,10 @@ def run_guarded(cfg: DictConfig, job: Job) -> float | None:
 
     output_dir = Path(cfg.paths.output_dir)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    print_config_tree(cfg, output_dir / "config_tree.log", show=bool(cfg.get("print_config", True)))
     try:
         try:
+            # Inside the guard: a setting that fails to resolve (e.g. a `kvc.*` resolver's check) is one line too.
+            print_config_tree(cfg, output_dir / "config_tree.log", show=bool(cfg.get("print_config", True)))
             run = prepare(cfg)
         except (*INPUT_ERRORS, DiskFullError) as err:
             return failed_in_one_line(err, output_dir, multirun)

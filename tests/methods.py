@@ -3,6 +3,7 @@
 
 Columns:
 - `attention`, `attention_kwargs`: the layer, at the `tiny` shape (widths as the method takes them);
+- `overrides`: `ModelConfig` fields on top of the shape, here and at Pythia-70M's (e.g. `{"n_kv_head": 2}`: GQA);
 - `cache`, `cache_kwargs`: the cache kind decoding uses (`native`: the attention's own);
 - `exact`: cached decoding equals the uncached model (to 1e-10 in fp64); else the cache is lossy, and its logits
   must stay within `lossy_bound` x max |logit| of the exact ones (and differ from them);
@@ -14,7 +15,8 @@ Columns:
   method's model after loading the base's weights; `set_identity` calls that method on every attention);
 - `params_70m`: (attention kwargs at Pythia-70M, the expected parameter count);
 - `smoke`: overrides of a `debug=smoke` training run whose metrics.json cache bytes must equal the formula;
-- `compiled_in_make_test`: the compiled decode step is compared with eager in `make test` (slow elsewhere).
+- `compiled_in_make_test`: the compiled decode step is compared with eager in `make test` (slow elsewhere);
+- `slow`: the row's whole battery runs under the `slow` marker (a combination whose parts cheaper rows cover).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ BytesFormula = Callable[[ModelConfig, int, int], float]
 
 
 def kv_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
-    return cfg.n_layer * 2 * cfg.n_embd * e
+    return cfg.n_layer * 2 * cfg.kv_heads * cfg.head_size * e  # K and V of the n_kv_head heads
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Row:
     name: str
     attention: str = "standard"
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     cache: str = "native"
     cache_kwargs: dict[str, Any] = field(default_factory=dict)
     exact: bool = True
@@ -58,13 +61,14 @@ class Row:
     params_70m: tuple[dict[str, Any], int] | None = None
     smoke: tuple[str, ...] | None = None
     compiled_in_make_test: bool = False
+    slow: bool = False
 
     def __str__(self) -> str:
         return self.name
 
 
 def int8_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
-    return cfg.n_layer * 2 * cfg.n_head * (cfg.head_size + e)  # int8 codes + one scale per token and head
+    return cfg.n_layer * 2 * cfg.kv_heads * (cfg.head_size + e)  # int8 codes + one scale per token and K/V head
 
 
 def int4_bytes(group: int, window: int) -> BytesFormula:
@@ -74,20 +78,21 @@ def int4_bytes(group: int, window: int) -> BytesFormula:
         k = (n_groups * G * hs // 2 + n_groups * 2 * hs * e) / max_len  # packed codes (whole groups), scale + zero
         v = hs // 2 + 2 * (hs // min(G, hs)) * e  # packed codes, scale + zero per channel group
         win = 2 * R * hs * e / max_len  # the full-precision window, spread over the slots
-        return cfg.n_layer * cfg.n_head * (k + v + win)
+        return cfg.n_layer * cfg.kv_heads * (k + v + win)
 
     return formula
 
 
 def vdproj_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
-    """[K, V_c] (or [K_rot, K_c, V_c] with compress_k), widths from the model's attention kwargs."""
-    kw = cfg.attention_kwargs
+    """[K, V_c] (or [K_rot, K_c, V_c] with compress_k), widths from the model's attention kwargs; with grouped heads
+    K has n_kv_head heads and a share `rank` is a share of V's n_kv_head x head_size width."""
+    kw, g = cfg.attention_kwargs, cfg.kv_heads
     width = lambda w, full: round(w * full) if isinstance(w, float) else w  # noqa: E731
-    v = width(kw["rank"], cfg.n_embd)
+    v = width(kw["rank"], g * cfg.head_size)
     if not kw.get("compress_k"):
-        return cfg.n_layer * (cfg.n_embd + v) * e
-    k = width(kw["k_rank"], cfg.n_head * (cfg.head_size - cfg.rotary_ndims))
-    return cfg.n_layer * (cfg.n_head * cfg.rotary_ndims + k + v) * e
+        return cfg.n_layer * (g * cfg.head_size + v) * e
+    k = width(kw["k_rank"], g * (cfg.head_size - cfg.rotary_ndims))
+    return cfg.n_layer * (g * cfg.rotary_ndims + k + v) * e
 
 
 def vdproj_quant_bytes(group: int | None = None) -> BytesFormula:
@@ -113,7 +118,14 @@ def vdproj_quant_bytes(group: int | None = None) -> BytesFormula:
 
 
 def mka_bytes(cfg: ModelConfig, e: int, max_len: int) -> float:
-    return (cfg.n_layer + 1) * 2 * cfg.n_embd * e  # [K, V] everywhere, plus the KA layer's [K, A] in the last
+    # [K, V] (n_kv_head heads) everywhere, plus the KA layer's own [K, A] (n_head heads) in the last
+    return (cfg.n_layer * 2 * cfg.kv_heads * cfg.head_size + 2 * cfg.n_embd) * e
+
+
+def gqa_params(n_kv_head: int, base: int = PYTHIA_70M) -> int:
+    """Pythia-70M's parameters with n_kv_head of its 8 K/V heads: the fused QKV loses (8 - g) x 2 x 64 rows of
+    512 weights + 1 bias in each of the 6 layers."""
+    return base - 6 * (8 - n_kv_head) * 2 * 64 * (512 + 1)
 
 
 def eviction_bytes(budget: int, per_slot: int = 0, per_row: int = 0) -> BytesFormula:
@@ -188,5 +200,50 @@ ROWS = [
     eviction_row("snapkv", per_row=4, window=2, kernel_size=3),
     eviction_row("tova"),
     eviction_row("knorm", per_slot=2),
+    # Grouped K/V heads (GQA; n_kv_head 1 = MQA) at the tiny shape's 4 heads, alone and with each method.
+    Row(
+        "gqa2_kv", cache="kv", overrides={"n_kv_head": 2}, params_70m=({}, gqa_params(2)),
+        smoke=("++model.overrides.n_kv_head=2",),
+    ),
+    Row("mqa_kv", cache="kv", overrides={"n_kv_head": 1}, params_70m=({}, gqa_params(1))),
+    Row(
+        "gqa2_int8", cache="int8", overrides={"n_kv_head": 2}, exact=False, lossy_bound=0.05,
+        bytes_per_token=int8_bytes,
+    ),
+    Row(
+        "gqa2_int4", cache="int4", cache_kwargs={"group_size": 4, "window": 6}, overrides={"n_kv_head": 2},
+        exact=False, lossy_bound=0.1, ragged_exact=False, chunk_consistent=False, bytes_per_token=int4_bytes(4, 6),
+        slow=True,
+    ),
+    # KA-Attention with grouped K/V: one A per group (the mean of its heads' outputs), so the KA cache is exact.
+    Row(
+        "gqa2_ka", "ka", overrides={"n_kv_head": 2}, params_70m=({}, gqa_params(2)),
+    ),
+    Row("mqa_ka", "ka", overrides={"n_kv_head": 1}, slow=True),
+    # The KA cache on a standard GQA model (report 000's lossy cache): per group, the mean of its heads' outputs.
+    Row(
+        "gqa2_ka_plain", cache="ka_plain", overrides={"n_kv_head": 2}, exact=False, lossy_bound=1.0,
+        ragged_exact=False, slow=True,
+    ),
+    Row(
+        "gqa2_ka_adapter", "ka_adapter", cache="ka", overrides={"n_kv_head": 2}, exact=False, lossy_bound=1.0,
+        ragged_exact=False, params_70m=({}, gqa_params(2) + 50_688),
+    ),
+    # V-DProj with grouped K/V: V (n_kv_head x head_size wide) -> rank, shared by all heads; K keeps n_kv_head heads.
+    Row(
+        "gqa2_vdproj", "vdproj", {"rank": 16}, overrides={"n_kv_head": 2}, bytes_per_token=vdproj_bytes,
+        degenerate=Degenerate({"rank": 32}, set_identity=True),
+        # Linear(128, 80) + Linear(80, 128) in each of 6 layers
+        params_70m=({"rank": 80}, gqa_params(2) + 6 * (2 * 80 * 128 + 80 + 128)),
+    ),
+    Row(
+        "gqa2_vdproj_k", "vdproj", {"rank": 16, "compress_k": True, "k_rank": 12}, overrides={"n_kv_head": 2},
+        bytes_per_token=vdproj_bytes,
+        degenerate=Degenerate({"rank": 32, "compress_k": True, "k_rank": 24}, set_identity=True), slow=True,
+    ),
+    Row(
+        "gqa2_mka", "mka", {"layers": [-1], "zero_init": False}, overrides={"n_kv_head": 2},
+        bytes_per_token=mka_bytes, degenerate=Degenerate({"layers": [-1], "zero_init": True}), slow=True,
+    ),
 ]  # fmt: skip
 ROWS_BY_NAME = {row.name: row for row in ROWS}

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from helpers import random_ids as ids
 from helpers import randomized as _randomized
+from test_train import text_file as text_file  # a fixture
 from torch import Tensor
 
 import kvcompress.methods  # noqa: F401  (registers attentions)
 from kvcompress.evaluation.metrics import autoregressive_token_losses, token_losses
 from kvcompress.methods.ka import KACache
-from kvcompress.methods.ka_adapter import KAAdapter, KAAdapterAttention
+from kvcompress.methods.ka_adapter import KAAdapter, KAAdapterAttention, unrolled_token_losses
 from kvcompress.models import GPTNeoX, ModelConfig
 from kvcompress.models.gpt_neox import apply_rotary
 
@@ -185,3 +186,74 @@ def test_standard_weights_load_with_only_adapter_keys_missing() -> None:
     x = ids(2, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x))
+
+
+# --- the adapter variants (issue 21): depth, and the unrolled loss trained the way the adapter decodes -------------
+
+
+def test_adapter_depth_keeps_todays_names_at_one_layer_and_adds_hidden_layers() -> None:
+    one = KAAdapter(16, bottleneck=8)
+    assert set(one.state_dict()) == {"norm.weight", "norm.bias", "up.weight", "up.bias", "down.weight", "down.bias"}
+    three = KAAdapter(16, bottleneck=8, layers=3)
+    extra = sum(p.numel() for p in three.parameters()) - sum(p.numel() for p in one.parameters())
+    assert extra == 2 * (8 * 8 + 8)
+    model = GPTNeoX(tiny(attention="ka_adapter", attention_kwargs={"bottleneck": 24, "layers": 2}))
+    assert (
+        model.layers[0].attention.ka_adapter.up.out_features == 24
+        and len(model.layers[1].attention.ka_adapter.hidden) == 1
+    )
+    with pytest.raises(ValueError, match="ka_adapter layers must be an integer >= 1"):
+        KAAdapter(16, layers=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}], ids=["mha", "gqa2"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unrolled_loss_equals_the_autoregressive_ka_cache_loss(overrides, layers) -> None:
+    cfg = tiny(attention="ka_adapter", attention_kwargs={"layers": layers}, **overrides)
+    model = randomized(GPTNeoX(cfg), std=0.15)
+    x = ids(2, 11, seed=4)
+    with torch.no_grad():
+        expected = autoregressive_token_losses(model, x, cache="ka")  # (B, T - 1)
+        plain = autoregressive_token_losses(model, x, cache="kv")
+    unrolled = unrolled_token_losses(model, x)
+    torch.testing.assert_close(unrolled, expected, atol=1e-10, rtol=0)
+    assert (expected - plain).abs().max() > 1e-3  # the KA cache really differs from exact decoding here
+    torch.testing.assert_close(unrolled_token_losses(model, x, tokens=6), expected[:, :5], atol=1e-10, rtol=0)
+    torch.testing.assert_close(unrolled_token_losses(model, x, chunk=3), expected, atol=1e-10, rtol=0)
+
+
+def test_unrolled_aux_loss_is_computed_only_when_asked_and_trains_the_adapter() -> None:
+    model = randomized(GPTNeoX(tiny(attention="ka_adapter")), std=0.15)
+    x = ids(2, 9, seed=5)
+    aux: dict[str, list[Tensor]] = {}
+    model(x, aux=aux)
+    assert set(aux) == {"adapter"}
+    aux = {"unrolled": []}
+    model(x, aux=aux)
+    (loss,) = aux["unrolled"]
+    with torch.no_grad():
+        expected = autoregressive_token_losses(model, x, cache="ka").mean()  # x are the forward's inputs
+    torch.testing.assert_close(loss, expected, atol=1e-10, rtol=0)
+    loss.backward()
+    adapter = model.layers[0].attention.ka_adapter
+    assert adapter.up.weight.grad is not None and adapter.up.weight.grad.abs().sum() > 0
+    for chunk in (None, 2):  # truncating the backpropagation keeps the value, changes the gradient
+        model.zero_grad()
+        unrolled_token_losses(model, x, chunk=chunk).mean().backward()
+        grad = adapter.down.weight.grad.clone()
+        if chunk is None:
+            full = grad
+    assert not torch.allclose(grad, full)
+
+
+@pytest.mark.slow
+def test_unrolled_phase_smoke_run_trains_the_adapter_on_the_unrolled_loss(tmp_path, text_file) -> None:
+    from test_train import smoke, stage
+
+    from kvcompress.run import train
+
+    overrides = ("attention=ka_adapter", "phase=ka_adapter_unrolled", "++model.attention_kwargs.unroll_tokens=12")
+    metrics = train(smoke(tmp_path, text_file, *overrides))
+    adapter = stage(metrics, "adapter")
+    assert math.isfinite(adapter["val_unrolled"]) and math.isfinite(adapter["val_ar_ppl"])
+    assert adapter["trainable_params"] == 2 * (32 + 2 * 16 * 64 + 64 + 16)

@@ -29,8 +29,13 @@ from kvcompress.run import train
 TINY = ModelConfig.from_name("tiny")
 
 
+def rows(keep=lambda row: True) -> list:
+    """The rows `keep` selects, each under the `slow` marker when the row is marked slow."""
+    return [pytest.param(r, marks=pytest.mark.slow if r.slow else ()) for r in ROWS if keep(r)]
+
+
 def model_of(row: Row, seed: int = 0) -> GPTNeoX:
-    cfg = ModelConfig.from_name("tiny", attention=row.attention, attention_kwargs=row.attention_kwargs)
+    cfg = ModelConfig.from_name("tiny", attention=row.attention, attention_kwargs=row.attention_kwargs, **row.overrides)
     return randomized(GPTNeoX(cfg), seed=seed, dtype=torch.float64)
 
 
@@ -53,7 +58,7 @@ def test_every_registered_cache_kind_has_a_row() -> None:
     assert set(CACHES) - {"native"} <= {row.cache for row in ROWS} | {row.name for row in ROWS}
 
 
-@pytest.mark.parametrize("row", ROWS, ids=str)
+@pytest.mark.parametrize("row", rows(), ids=str)
 def test_cached_decoding_matches_the_uncached_model(row: Row) -> None:
     model = model_of(row)
     ids = random_ids(3, 14, seed=1)
@@ -70,7 +75,7 @@ def test_cached_decoding_matches_the_uncached_model(row: Row) -> None:
         assert 0 < error <= row.lossy_bound * uncached.abs().max().item(), error
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.chunk_consistent], ids=str)
+@pytest.mark.parametrize("row", rows(lambda r: r.chunk_consistent), ids=str)
 @pytest.mark.parametrize("chunks", [(5, 6), (1, 10), (10, 1)], ids=str)
 def test_chunked_prefill_matches_one_prefill(row: Row, chunks: tuple[int, int]) -> None:
     """A prompt fed in two chunks (the second over a filled cache), then a decode step: the same logits as the
@@ -106,7 +111,7 @@ def run(model: GPTNeoX, row: Row, prompt: torch.Tensor, new_tokens: int, **kw: A
     return generate(model, prompt, new_tokens, caches=caches, return_logits=True, **kw)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=str)
+@pytest.mark.parametrize("row", rows(), ids=str)
 def test_static_decode_step_equals_eager_decoding(row: Row) -> None:
     model = model_of(row)
     prompt = random_ids(3, 9, seed=1)
@@ -118,7 +123,7 @@ def test_static_decode_step_equals_eager_decoding(row: Row) -> None:
 
 @pytest.mark.parametrize(
     "row",
-    [pytest.param(r, marks=() if r.compiled_in_make_test else pytest.mark.slow) for r in ROWS],
+    [pytest.param(r, marks=() if r.compiled_in_make_test and not r.slow else pytest.mark.slow) for r in ROWS],
     ids=str,
 )
 def test_compiled_decode_step_equals_eager(row: Row) -> None:
@@ -141,7 +146,7 @@ def padded(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.ragged_exact], ids=str)
+@pytest.mark.parametrize("row", rows(lambda r: r.ragged_exact), ids=str)
 def test_ragged_batch_equals_each_prompt_alone(row: Row) -> None:
     model = model_of(row)
     prompts = [random_ids(1, n, seed=n)[0] for n in (9, 3, 6)]
@@ -153,7 +158,7 @@ def test_ragged_batch_equals_each_prompt_alone(row: Row) -> None:
         torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=str)
+@pytest.mark.parametrize("row", rows(), ids=str)
 def test_measured_bytes_follow_the_formula(row: Row) -> None:
     for dtype, e in ((torch.float32, 4), (torch.bfloat16, 2)):
         for max_len in (10, 48):
@@ -161,7 +166,9 @@ def test_measured_bytes_follow_the_formula(row: Row) -> None:
             cfg = model_of(row).cfg
             assert caches.nbytes() / (3 * max_len) == pytest.approx(row.bytes_per_token(cfg, e, max_len), rel=1e-12)
     kwargs = row.params_70m[0] if row.params_70m else row.attention_kwargs
-    big = ModelConfig.from_name("pythia-70m", vocab_size=8, attention=row.attention, attention_kwargs=kwargs)
+    big = ModelConfig.from_name(
+        "pythia-70m", vocab_size=8, attention=row.attention, attention_kwargs=kwargs, **row.overrides
+    )
     with torch.device("meta"):  # no weights are needed to size the caches
         model = GPTNeoX(big)
     kw = {**row.cache_kwargs, "device": "cpu", "dtype": torch.float32}
@@ -169,11 +176,11 @@ def test_measured_bytes_follow_the_formula(row: Row) -> None:
     assert caches.nbytes() / (2 * 48) == pytest.approx(row.bytes_per_token(big, 4, 48), rel=1e-12)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.degenerate], ids=str)
+@pytest.mark.parametrize("row", rows(lambda r: r.degenerate), ids=str)
 def test_degenerate_setting_reproduces_the_base_model(row: Row) -> None:
     assert row.degenerate is not None
-    base = randomized(GPTNeoX(TINY), dtype=torch.float64)
-    cfg = TINY.with_(attention=row.attention, attention_kwargs=row.degenerate.kwargs)
+    base = randomized(GPTNeoX(TINY.with_(**row.overrides)), dtype=torch.float64)
+    cfg = TINY.with_(attention=row.attention, attention_kwargs=row.degenerate.kwargs, **row.overrides)
     model = GPTNeoX(cfg).double().eval()  # the method's own init of what it adds
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and missing  # the method adds weights, and only adds
@@ -196,11 +203,13 @@ def test_parameter_count_at_the_pythia_70m_shape(row: Row) -> None:
     assert row.params_70m is not None
     kwargs, expected = row.params_70m
     with torch.device("meta"):
-        model = GPTNeoX(ModelConfig.from_name("pythia-70m", attention=row.attention, attention_kwargs=kwargs))
+        model = GPTNeoX(
+            ModelConfig.from_name("pythia-70m", attention=row.attention, attention_kwargs=kwargs, **row.overrides)
+        )
     assert model.num_parameters() == expected
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.smoke is not None], ids=str)
+@pytest.mark.parametrize("row", rows(lambda r: r.smoke is not None), ids=str)
 def test_smoke_run_records_the_formula_bytes(row: Row, tmp_path, text_file) -> None:
     assert row.smoke is not None
     metrics = train(smoke(tmp_path, text_file, *row.smoke))

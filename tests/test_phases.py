@@ -228,3 +228,18 @@ def test_the_last_epoch_weights_are_recorded_beside_the_best(tmp_path):
     assert result.metrics["final_val_ppl"] != result.metrics["val_ppl"]
     (again,) = make_runner(tmp_path, stages).run()
     assert again.reused and again.metrics["final_val_ppl"] == result.metrics["final_val_ppl"]
+
+
+@pytest.mark.parametrize(("max_steps", "max_epochs", "steps"), [(3, 1, 3), (4, 2, 4), (0, 1, 0)])
+def test_a_step_budget_limits_the_batches_of_each_epoch(tmp_path, max_steps, max_epochs, steps):
+    """RandomTokens: 4 batches an epoch; `max_steps` spreads a budget over the epochs (0: validation only)."""
+    runner = make_runner(
+        tmp_path, [Stage(name="lm", lr=1e-3, max_epochs=max_epochs, max_steps=max_steps, patience=None)]
+    )
+    before = {k: v.clone() for k, v in runner.net.state_dict().items()}
+    (result,) = runner.run()
+    assert result.metrics["steps"] == steps
+    unchanged = all(torch.equal(before[k], v) for k, v in runner.net.state_dict().items())
+    assert unchanged == (steps == 0) and math.isfinite(result.metrics["val_loss"])
+    with pytest.raises(ValueError, match=r"phase.stages.lm.max_steps must be an integer >= 0, got -1"):
+        Stage(name="lm", max_steps=-1)

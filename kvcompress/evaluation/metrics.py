@@ -198,7 +198,8 @@ RELATIONS = (
 
 
 def kv_bytes_per_token(net: GPTNeoX) -> float:
-    """The standard [K, V] cache's bytes per token for this shape, measured from KVCache tensors."""
+    """The multi-head [K, V] cache's bytes per token for this shape (n_head K/V heads, whatever `n_kv_head` is: the
+    reference a reduction is against, so grouped heads count as one), measured from KVCache tensors."""
     param = net.embed_out.weight
     cfg = net.cfg
     caches = [KVCache(1, 8, cfg.n_head, cfg.head_size, param.device, param.dtype) for _ in net.layers]

@@ -151,7 +151,7 @@ def write_windows(
 
 def _file(run_folder: str | os.PathLike) -> Path:
     folder = Path(run_folder)
-    path = folder if folder.name == FILE else folder / FILE
+    path = folder if folder.suffix == ".safetensors" else folder / FILE  # a run folder, or a records file
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no per-window records (runs made before they were written have none)")
     return path

@@ -10,15 +10,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.models.caches import LayerCache, Step, register_cache
+from kvcompress.models.caches import LayerCache, Step, register_cache, sdpa
 
 
 @register_cache("fp16", layouts=("kv",))
 class HalfKVCache(LayerCache):
-    """Keys and values in float16, (B, nh, max_len, hs) each; read back in the query's dtype."""
+    """Keys and values in float16, (B, n_kv_head, max_len, hs) each; read back in the query's dtype."""
 
     fillable: ClassVar[bool] = True  # an early exit may write K/V into it without attention
 
@@ -34,4 +33,4 @@ class HalfKVCache(LayerCache):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         self.append(k, v, step)
         keys, values = (self.read(name, step).to(q.dtype) for name in ("k", "v"))
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        return sdpa(q, keys, values, attn_mask=step.mask)

@@ -7,6 +7,17 @@ Per head, with P = softmax(causal(Q K^T / sqrt(hs))):
 The recurrence is linear in A: (I - L) A = diag(P) V with L = strict_lower(P), a unit-lower-triangular
 system. `ka_attention` solves it exactly and in parallel over positions; `ka_attention_reference` is the
 literal token loop, kept for tests.
+
+Grouped K/V heads (GQA, `n_kv_head` < `n_head`): each K/V group keeps ONE A, the mean of its query heads' outputs,
+and a head mixes its group's past A with its own probabilities:
+
+    a_h[n] = sum_{j<n} P_h[n, j] Ā_g[j] + P_h[n, n] V_g[n],      Ā_g = mean over the group's heads h of a_h
+
+Averaging the recurrence over the group gives (I - strict_lower(P̄_g)) Ā_g = diag(P̄_g) V_g with P̄_g the group
+mean of P_h: one unit-lower-triangular solve per group, then each head's a_h from Ā_g (`ka_attention_grouped`).
+So the KA cache keeps K and Ā per group, and for KA-Attention it is exact. With one head per group Ā = a (the
+multi-head model exactly). The KA cache on a model trained with standard attention (report 000's lossy cache)
+does the same: it keeps, per group, the mean of the group's attention outputs (through the adapter, if any).
 """
 
 from __future__ import annotations
@@ -16,10 +27,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.models.caches import LayerCache, Step, register_cache
+from kvcompress.models.caches import LayerCache, Step, group_mean, grouped_matmul, register_cache, sdpa
 from kvcompress.models.gpt_neox import Attention, Aux, register_attention
 
 __all__ = [
@@ -27,6 +37,7 @@ __all__ = [
     "KACache",
     "ka_attention",
     "ka_attention_autograd",
+    "ka_attention_grouped",
     "ka_attention_reference",
     "ka_probs",
 ]
@@ -43,10 +54,10 @@ def _causal_bias(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def ka_probs(q: Tensor, k: Tensor) -> Tensor:
-    """Causal attention probabilities P (B, nh, T, T) in the compute dtype; q, k (B, nh, T, hs)."""
+    """Causal attention probabilities P (B, nh, T, T) in the compute dtype; q (B, nh, T, hs), k (B, g, T, hs)."""
     ct = _compute_dtype(q.dtype)
     T, hs = q.shape[-2], q.shape[-1]
-    scores = (q.to(ct) * (1.0 / math.sqrt(hs))) @ k.to(ct).mT  # (B, nh, T, T); scale the small side
+    scores = grouped_matmul(q.to(ct) * (1.0 / math.sqrt(hs)), k.to(ct).mT)  # (B, nh, T, T); scale the small side
     return scores.add_(_causal_bias(T, q.device, ct)).softmax(dim=-1)
 
 
@@ -109,6 +120,37 @@ def ka_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return _KAFunction.apply(q.to(ct), k.to(ct), v.to(ct)).to(v.dtype)
 
 
+def ka_attention_grouped(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """KA-Attention with grouped K/V (module docstring): q (B, nh, T, hs), k, v (B, g, T, hs) -> a (B, nh, T, hs).
+
+    One solve per group for Ā (on the group mean of P), then each head's outputs; differentiated by autograd.
+    """
+    ct = _compute_dtype(q.dtype)
+    B, nh, T, hs = q.shape
+    g = k.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        p = ka_probs(q, k)  # (B, nh, T, T)
+        a_bar = _group_solve(p, v.to(ct), g)  # (B, g, T, hs)
+        return _heads_from_group(p, a_bar, v.to(ct)).to(v.dtype)
+
+
+def _group_solve(p: Tensor, v: Tensor, g: int) -> Tensor:
+    """Ā (B, g, T, hs) with (I - strict_lower(P̄)) Ā = diag(P̄) V, P̄ the group mean of p (B, nh, T, T)."""
+    p_bar = group_mean(p, g)
+    rhs = p_bar.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v
+    return torch.linalg.solve_triangular(-p_bar, rhs, upper=False, unitriangular=True)
+
+
+def _heads_from_group(p: Tensor, a_bar: Tensor, v: Tensor) -> Tensor:
+    """a_h = strict_lower(P_h) Ā_g + diag(P_h) V_g per query head: p (B, nh, T, T), a_bar and v (B, g, T, hs)."""
+    B, nh, T, _ = p.shape
+    g, hs = a_bar.shape[1], a_bar.shape[-1]
+    mixed = grouped_matmul(p.tril(-1), a_bar)  # (B, nh, T, hs)
+    diag = p.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, nh, T, 1)
+    own = (diag.view(B, g, nh // g, T, 1) * v.unsqueeze(2)).view(B, nh, T, hs)
+    return mixed + own
+
+
 def ka_attention_autograd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Same solve as `ka_attention`, differentiated by autograd (slower; a cross-check for tests)."""
     ct = _compute_dtype(q.dtype)
@@ -119,17 +161,22 @@ def ka_attention_autograd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def ka_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The recurrence, token by token (slow; for tests). Shapes as `ka_attention`."""
+    """The recurrence, token by token (slow; for tests). Shapes as `ka_attention` (or grouped K/V: each group's
+    past is the mean of its heads' outputs)."""
     ct = _compute_dtype(q.dtype)
+    B, nh, T, hs = q.shape
+    g = k.shape[1]
     p = ka_probs(q, k)  # (B, nh, T, T)
-    vc = v.to(ct)
-    outs: list[Tensor] = []
-    for n in range(q.shape[-2]):
+    vc = v.to(ct).repeat_interleave(nh // g, dim=1)  # (B, nh, T, hs)
+    outs: list[Tensor] = []  # the group means Ā[j], repeated per head
+    heads: list[Tensor] = []
+    for n in range(T):
         a_n = p[..., n, n, None] * vc[..., n, :]  # (B, nh, hs)
         for j in range(n):
             a_n = a_n + p[..., n, j, None] * outs[j]
-        outs.append(a_n)
-    return torch.stack(outs, dim=-2).to(v.dtype)
+        heads.append(a_n)
+        outs.append(group_mean(a_n[:, :, None], g)[:, :, 0].repeat_interleave(nh // g, dim=1))
+    return torch.stack(heads, dim=-2).to(v.dtype)
 
 
 @register_attention("ka")
@@ -140,12 +187,13 @@ class KAAttention(Attention):
     native_cache: ClassVar[str] = "ka"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
-        return ka_attention(q, k, v)
+        return ka_attention(q, k, v) if self.n_rep == 1 else ka_attention_grouped(q, k, v)
 
 
 @register_cache("ka", layouts=("ka", "kv"))
 class KACache(LayerCache):
-    """The KA cache: keys and past attention outputs in place of values, (B, nh, max_len, hs) each.
+    """The KA cache: keys and past attention outputs in place of values, (B, n_kv_head, max_len, hs) each
+    (with grouped heads, one A per group: the mean of its heads' outputs; the module docstring).
 
     A new token attends over `[V'(A[0]), ..., V'(A[t-1]), V[t]]` where `V' = adapter` (identity when
     None). The adapter is applied once, when A[t] is made, and the cache keeps `V'(A[t])`: the same
@@ -174,7 +222,7 @@ class KACache(LayerCache):
     @classmethod
     def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> KACache:
         adapter = getattr(attn, "ka_adapter", None)  # a module given to the cache, not a call into the attention
-        return cls(batch_size, max_len, attn.n_head, attn.head_size, adapter, device=device, dtype=dtype)
+        return cls(batch_size, max_len, attn.n_kv_head, attn.head_size, adapter, device=device, dtype=dtype)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         if q.shape[-2] > 1 and self.adapter is None:
@@ -188,10 +236,9 @@ class KACache(LayerCache):
             one = Step(step.slots[t : t + 1], step.mask[:, :, t : t + 1], step.positions[:, t : t + 1], step.n_read)
             self.write("k", k[:, :, t : t + 1], one)
             self.write("a", v[:, :, t : t + 1], one)  # own V at the diagonal
-            a_t = F.scaled_dot_product_attention(
-                q[:, :, t : t + 1], self.read("k", one), self.read("a", one), attn_mask=one.mask
-            )
-            self.write("a", a_t if self.adapter is None else self.adapter(a_t), one)
+            a_t = sdpa(q[:, :, t : t + 1], self.read("k", one), self.read("a", one), attn_mask=one.mask)
+            a_group = group_mean(a_t, self.buffers["a"].shape[1])  # (B, g, 1, hs): a_t itself without groups
+            self.write("a", a_group if self.adapter is None else self.adapter(a_group), one)
             outputs.append(a_t)
         return torch.cat(outputs, dim=-2)
 
@@ -208,16 +255,24 @@ class KACache(LayerCache):
         past = step.n_read - T
         self.write("k", k, step)
         ct = _compute_dtype(q.dtype)
-        scores = (q.to(ct) * q.shape[-1] ** -0.5) @ self.read("k", step).to(ct).mT  # (B, nh, T, past + T)
-        p = scores.masked_fill_(~step.mask, float("-inf")).softmax(dim=-1)
-        p_new = p[..., past:]  # (B, nh, T, T), lower triangular
-        rhs = p_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)  # (B, nh, T, hs)
+        g = k.shape[1]
+        scores = grouped_matmul(q.to(ct) * q.shape[-1] ** -0.5, self.read("k", step).to(ct).mT)  # (B, nh, T, n)
+        p_heads = scores.masked_fill_(~step.mask, float("-inf")).softmax(dim=-1)
+        p = group_mean(p_heads, g)  # (B, g, T, past + T): P itself without groups
+        p_new = p[..., past:]  # (B, g, T, T), lower triangular
+        rhs = p_new.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v.to(ct)  # (B, g, T, hs)
+        a_past = self.buffers["a"][:, :, :past].to(ct)
         if past:
-            rhs = rhs + p[..., :past] @ self.buffers["a"][:, :, :past].to(ct)
+            rhs = rhs + p[..., :past] @ a_past
         # Unit diagonal implied: only the strict lower part of -P_nn is read.
         a_new = torch.linalg.solve_triangular(-p_new, rhs, upper=False, unitriangular=True)
         self.write("a", a_new, step)
-        return a_new.to(q.dtype)
+        if g == q.shape[1]:
+            return a_new.to(q.dtype)
+        heads = _heads_from_group(p_heads[..., past:], a_new, v.to(ct))  # each head from its group's Ā
+        if past:
+            heads = heads + grouped_matmul(p_heads[..., :past], a_past)
+        return heads.to(q.dtype)
 
 
 @register_cache("ka_plain", layouts=("kv",))
@@ -226,4 +281,4 @@ class KAPlainCache(KACache):
 
     @classmethod
     def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> KACache:
-        return cls(batch_size, max_len, attn.n_head, attn.head_size, None, device=device, dtype=dtype)
+        return cls(batch_size, max_len, attn.n_kv_head, attn.head_size, None, device=device, dtype=dtype)

@@ -109,13 +109,23 @@ class KALayer(nn.Module):
 class MKACache(LayerCache):
     """Cache of an MKA layer: the base's [K, V] (a `KVCache`) and the KA layer's [K, A] (a `KACache`).
 
-    Buffers (B, nh, max_len, hs) each: `k`, `v` (base attention), `ka_k`, `ka_a` (KA layer), i.e. 4*C
-    values per token.
+    Buffers: `k`, `v` (base attention, (B, n_kv_head, max_len, hs)), `ka_k`, `ka_a` (KA layer, (B, nh, max_len, hs);
+    the KA layer has its own n_head heads), i.e. 4*C values per token without grouped heads.
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_head: int, head_size: int, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        n_head: int,
+        head_size: int,
+        device=None,
+        dtype=None,
+        n_kv_head: int | None = None,
+    ) -> None:
         super().__init__(batch_size, max_len)
-        self.kv = KVCache(batch_size, max_len, n_head, head_size, device=device, dtype=dtype)
+        kv_heads = n_head if n_kv_head is None else n_kv_head
+        self.kv = KVCache(batch_size, max_len, kv_heads, head_size, device=device, dtype=dtype)
         self.ka = KACache(batch_size, max_len, n_head, head_size, None, device=device, dtype=dtype)
         self.buffers = {**self.kv.buffers, **{f"ka_{name}": t for name, t in self.ka.buffers.items()}}
 
@@ -126,8 +136,11 @@ class MKACache(LayerCache):
 @register_cache("mka", layouts=("mka",))
 def build_mka_cache(attn: Any, batch_size: int, max_len: int, device=None, dtype=None) -> LayerCache:
     """MKACache in the KA layers; the standard KVCache in plain layers."""
-    cls = KVCache if attn.mka is None else MKACache
-    return cls(batch_size, max_len, attn.n_head, attn.head_size, device=device, dtype=dtype)
+    if attn.mka is None:
+        return KVCache(batch_size, max_len, attn.n_kv_head, attn.head_size, device=device, dtype=dtype)
+    return MKACache(
+        batch_size, max_len, attn.n_head, attn.head_size, device=device, dtype=dtype, n_kv_head=attn.n_kv_head
+    )
 
 
 @register_attention("mka")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompress.models.caches import LayerCache, Step, register_cache
+from kvcompress.models.caches import LayerCache, Step, register_cache, sdpa
 
 __all__ = ["Int4KVCache", "Int8KVCache", "fused"]
 
@@ -66,7 +66,14 @@ def use_fused(setting: bool | None, values: int) -> bool:
 
 def _int8_decode(q: Tensor, kq: Tensor, ks: Tensor, vq: Tensor, vs: Tensor, mask: Tensor) -> Tensor:
     """One query per row over int8 codes: K scales fold into the scores, V scales into the probabilities."""
-    scores = (q * kq.to(q.dtype)).sum(-1, keepdim=True) * ks * q.shape[-1] ** -0.5  # (B, nh, L, 1)
+    B, nh, _, hs = q.shape
+    g = kq.shape[1]
+    if g != nh:  # grouped K/V heads: the group's query heads as rows of one product
+        qg = q.reshape(B, g, nh // g, hs)
+        scores_g = (qg @ kq.to(q.dtype).mT) * ks.mT * hs**-0.5  # (B, g, r, L)
+        pv_g = _softmax(scores_g.masked_fill(~mask, float("-inf"))) * vs.mT  # (B, g, r, L)
+        return (pv_g @ vq.to(q.dtype)).view(B, nh, 1, hs)
+    scores = (q * kq.to(q.dtype)).sum(-1, keepdim=True) * ks * hs**-0.5  # (B, nh, L, 1)
     scores = scores.mT.masked_fill(~mask, float("-inf"))  # (B, nh, 1, L)
     pv = _softmax(scores).mT * vs  # (B, nh, L, 1)
     return (pv * vq.to(q.dtype)).sum(-2, keepdim=True)  # (B, nh, 1, hs)
@@ -77,7 +84,7 @@ _int8_decode_fused = fused(_int8_decode)
 
 @register_cache("int8", layouts=("kv",))
 class Int8KVCache(LayerCache):
-    """K and V quantized to int8 per (token, head), with absmax scales kept in the model's dtype.
+    """K and V quantized to int8 per (token, K/V head), with absmax scales kept in the model's dtype.
 
     Per token, head and layer it holds `2 * (head_size + scale bytes)` bytes instead of
     `2 * head_size * element_size`. Lossy: new tokens also attend over their own dequantized K/V,
@@ -123,7 +130,7 @@ class Int8KVCache(LayerCache):
         kq, ks = self.read("k", step), self.read("k_scale", step).to(q.dtype)  # (B, nh, L, hs), (B, nh, L, 1)
         vq, vs = self.read("v", step), self.read("v_scale", step).to(q.dtype)
         if q.shape[-2] > 1:  # prefill: dequantize what is read
-            return F.scaled_dot_product_attention(q, kq.to(q.dtype) * ks, vq.to(q.dtype) * vs, attn_mask=step.mask)
+            return sdpa(q, kq.to(q.dtype) * ks, vq.to(q.dtype) * vs, attn_mask=step.mask)
         read = _int8_decode_fused if self.fused_read else _int8_decode
         return read(q, kq, ks, vq, vs, step.mask)
 
@@ -205,7 +212,7 @@ _int4_decode_fused = fused(_int4_decode)
 
 @register_cache("int4", layouts=("kv",))
 class Int4KVCache(LayerCache):
-    """KIVI-style 4-bit cache: K per channel (groups of `group_size` tokens), V per token (groups of
+    """KIVI-style 4-bit cache (per K/V head): K per channel (groups of `group_size` tokens), V per token (groups of
     `group_size` channels), the last `window` tokens in full precision (a ring buffer).
 
     Buffers: `k`, `v` packed codes (B, nh, L, hs/2) uint8; `k_scale`, `k_zero` (B, nh, L/G, hs);
@@ -325,16 +332,22 @@ class Int4KVCache(LayerCache):
             k_past[:, :, recent] = self.buffers["k_win"][:, :, recent % self.window].to(q.dtype)
             v_past[:, :, recent] = self.buffers["v_win"][:, :, recent % self.window].to(q.dtype)
         keys, values = torch.cat((k_past, k), dim=-2), torch.cat((v_past, v), dim=-2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        return sdpa(q, keys, values, attn_mask=step.mask)
 
     def _attend_decode(self, q: Tensor, step: Step) -> Tensor:
-        """One query per row over the codes (older than the window) and the window (`_int4_decode`)."""
+        """One query per row over the codes (older than the window) and the window (`_int4_decode`); with grouped
+        K/V heads, each of a group's query heads in turn (a static loop)."""
         b = self.buffers
         read = _int4_decode_fused if self.fused_read else _int4_decode
-        return read(
-            q, step.slots, step.mask, b["k"], b["k_scale"], b["k_zero"], b["v"], b["v_scale"], b["v_zero"],
-            b["k_win"], b["v_win"], self.group_size, self.v_group, self.window,
-        )  # fmt: skip
+        args = (step.slots, step.mask, b["k"], b["k_scale"], b["k_zero"], b["v"], b["v_scale"], b["v_zero"])
+        args += (b["k_win"], b["v_win"], self.group_size, self.v_group, self.window)
+        B, nh, _, hs = q.shape
+        g = b["v"].shape[1]
+        if g == nh:
+            return read(q, *args)
+        per_head = q.view(B, g, nh // g, hs)
+        outs = [read(per_head[:, :, i, None].contiguous(), *args) for i in range(nh // g)]  # each (B, g, 1, hs)
+        return torch.cat(outs, dim=2).view(B, nh, 1, hs)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
         if q.shape[-2] > 1:

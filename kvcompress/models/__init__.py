@@ -5,6 +5,7 @@ from kvcompress.models.caches import CACHES, Caches, DecodeState, KVCache, Layer
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.generate import compiled_decode_step, decode_step, generate, prefill
 from kvcompress.models.gpt_neox import ATTENTIONS, Attention, GPTNeoX, register_attention
+from kvcompress.models.gqa import pool_kv_heads
 
 __all__ = [
     "ATTENTIONS",
@@ -20,6 +21,7 @@ __all__ = [
     "LayerCache",
     "ModelConfig",
     "generate",
+    "pool_kv_heads",
     "prefill",
     "register_attention",
     "register_cache",

@@ -31,6 +31,8 @@ class ModelConfig:
     n_layer: int = 6
     n_embd: int = 512
     n_head: int = 8
+    # Grouped K/V heads (GQA): None = n_head (multi-head), 1 = MQA; must divide n_head.
+    n_kv_head: int | None = None
     intermediate_size: int = 2048
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
@@ -44,6 +46,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None and (
+            isinstance(self.n_kv_head, bool)
+            or not isinstance(self.n_kv_head, int)
+            or not 1 <= self.n_kv_head <= self.n_head
+            or self.n_head % self.n_kv_head
+        ):
+            raise ValueError(
+                f"model n_kv_head={self.n_kv_head!r} must be null or a divisor of n_head={self.n_head} "
+                "(1 = MQA, n_head = multi-head)"
+            )
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         self.attention_kwargs = dict(self.attention_kwargs)
@@ -51,6 +63,11 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of K/V heads (n_kv_head, or n_head when it is None)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
     def rotary_ndims(self) -> int:

@@ -2,6 +2,13 @@
 
 Module names follow Hugging Face's `GPTNeoXModel` so that weights convert by name. Attention
 variants register by name (`@register_attention("...")`) and are picked by `ModelConfig.attention`.
+
+Grouped K/V heads (GQA; `ModelConfig.n_kv_head`, 1 = MQA): query head h reads K/V head h // (n_head / n_kv_head)
+(consecutive query heads share a K/V head, as SDPA's `enable_gqa` and `repeat_interleave` group them). The fused
+`query_key_value` output is laid out per head as [q, k, v] interleaved (Hugging Face's layout) when n_kv_head ==
+n_head, so such a model is today's exactly; with fewer K/V heads it is [Q of all n_head heads, then K of the
+n_kv_head heads, then V of the n_kv_head heads], each block head-major: (n_head + 2 n_kv_head) x head_size
+outputs (Hugging Face's GPT-NeoX has no grouped heads, so there is no layout to follow).
 """
 
 from __future__ import annotations
@@ -13,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvcompress.models.caches import CACHES, Caches, DecodeState, LayerCache, Step, cannot_serve, eager_step
+from kvcompress.models.caches import (
+    CACHES,
+    Caches,
+    DecodeState,
+    LayerCache,
+    Step,
+    cannot_serve,
+    eager_step,
+    group_mean,
+    sdpa,
+)
 from kvcompress.models.config import ModelConfig
 
 ATTENTIONS: dict[str, type[Attention]] = {}
@@ -78,7 +95,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @register_attention("standard")
 class Attention(nn.Module):
-    """Multi-head causal self-attention with fused, per-head interleaved QKV (HF layout).
+    """Multi-head causal self-attention with fused QKV: per-head interleaved (HF layout), or [Q, K, V] blocks with
+    grouped K/V heads (the module docstring). K and V have `n_kv_head` heads; `n_rep` query heads share each.
 
     Decoding goes through `decode(q, k, v, cache, step)`, which by default lets the cache store the new
     tokens and read itself (`cache.attend`); an attention that stores something else overrides it.
@@ -94,15 +112,28 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
-        self.query_key_value = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.n_kv_head = cfg.kv_heads
+        self.n_rep = cfg.n_head // self.n_kv_head  # query heads per K/V head
+        self.query_key_value = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * self.n_kv_head) * cfg.head_size)
         self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def split_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, nh, T, hs), k and v (B, n_kv_head, T, hs), rotary applied to q and k."""
         B, T, _ = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        if self.n_rep == 1:
+            qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        else:
+            g, hs = self.n_kv_head, self.head_size
+            q, k, v = self.query_key_value(x).split((self.n_head * hs, g * hs, g * hs), dim=-1)
+            q = q.view(B, T, self.n_head, hs).transpose(1, 2)
+            k, v = k.view(B, T, g, hs).transpose(1, 2), v.view(B, T, g, hs).transpose(1, 2)
         cos, sin = rope
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def group_mean(self, a: Tensor) -> Tensor:
+        """Per-query-head tensors (B, nh, T, d) averaged over each K/V group -> (B, n_kv_head, T, d)."""
+        return group_mean(a, self.n_kv_head)
 
     def merge_heads(self, a: Tensor) -> Tensor:
         B, _, T, _ = a.shape
@@ -110,7 +141,13 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, aux: Aux | None = None) -> Tensor:
         """Uncached attention over the whole sequence; returns A = P V, (B, nh, T, hs)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return sdpa(q, k, v, is_causal=True)
+
+    @staticmethod
+    def model_aux(model: GPTNeoX, input_ids: Tensor, aux: Aux) -> None:
+        """Hook: auxiliary losses that need the whole model (e.g. a second, differently decoded pass), added to `aux`
+        once per uncached forward with `aux` (once per attention class). `aux` arrives with the loss names the
+        training stage weights as keys, so a costly loss can be computed only when asked for."""
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, step: Step) -> Tensor:
         """Cached attention of the new tokens (B, nh, T, hs): the cache stores them and reads itself."""
@@ -203,6 +240,9 @@ class GPTNeoX(nn.Module):
         With `caches`, input_ids continue the cached sequence (eagerly; see `generate.decode_step`).
         """
         x = self.trunk(input_ids, caches, aux)
+        if aux is not None and caches is None:
+            for hook in dict.fromkeys(type(cast(Attention, layer.attention)).model_aux for layer in self.layers):
+                hook(self, input_ids, aux)
         return self.head(x[:, -1:] if last_only else x)
 
     def trunk(self, input_ids: Tensor, caches: Caches | None = None, aux: Aux | None = None) -> Tensor:

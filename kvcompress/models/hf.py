@@ -10,6 +10,7 @@ import torch
 
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import GPTNeoX
+from kvcompress.models.gqa import fit_kv_heads
 
 HF_PREFIX = "gpt_neox."
 # The output head is `embed_out` in Pythia checkpoints and `lm_head` in transformers >= 5.
@@ -39,6 +40,12 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig):
+    """The `GPTNeoXConfig` of this shape; a model with grouped K/V heads has none (GPT-NeoX has no such setting)."""
+    if cfg.kv_heads != cfg.n_head:
+        raise ValueError(
+            f"n_kv_head={cfg.n_kv_head} < n_head={cfg.n_head}: Hugging Face GPT-NeoX has no grouped K/V heads, "
+            "so this model cannot be exported (only n_kv_head = null or n_head can)"
+        )
     from transformers import GPTNeoXConfig
 
     # rotary_pct / rotary_emb_base: older names, still read by transformers 5 (its typed stub lacks them).
@@ -71,10 +78,11 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def from_hf_model(hf_model: Any, **overrides: Any) -> GPTNeoX:
-    """Our model with the weights of a `transformers.GPTNeoXForCausalLM` object.
+    """Our model with the weights of a `transformers.GPTNeoXForCausalLM` object (n_kv_head = n_head).
 
     `overrides` change the config (e.g. `attention="vdproj"`); weights the new attention adds keep
-    their initial values (load is non-strict only for them).
+    their initial values (load is non-strict only for them). `n_kv_head` < n_head mean-pools each group's K and V
+    projections (`kvcompress.models.gqa.pool_kv_heads`).
     """
     cfg = config_from_hf(hf_model.config, **overrides)
     model = GPTNeoX(cfg)
@@ -83,8 +91,10 @@ def from_hf_model(hf_model: Any, **overrides: Any) -> GPTNeoX:
 
 
 def load_hf_weights(model: GPTNeoX, hf_state: dict[str, torch.Tensor]) -> None:
-    """Load HF-named weights; every HF weight must be used, and only method-added ones may be missing."""
-    missing, unexpected = model.load_state_dict(state_dict_from_hf(hf_state), strict=False)
+    """Load HF-named weights; every HF weight must be used, and only method-added ones may be missing.
+    K/V heads are mean-pooled when the model has fewer than the checkpoint."""
+    state = fit_kv_heads(state_dict_from_hf(hf_state), model.cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"weights not used by the model: {unexpected[:5]}...")
     base_keys = set(GPTNeoX(model.cfg.with_(attention="standard", attention_kwargs={})).state_dict())
@@ -117,12 +127,13 @@ def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeo
 
 
 def to_hf_model(model: GPTNeoX):
-    """A `GPTNeoXForCausalLM` with this model's weights (standard attention only)."""
+    """A `GPTNeoXForCausalLM` with this model's weights (standard attention, n_kv_head = n_head only)."""
     from transformers import GPTNeoXForCausalLM
 
     if model.cfg.attention != "standard":
         raise ValueError(f"attention {model.cfg.attention!r} has no Hugging Face equivalent to export to")
-    hf_model = GPTNeoXForCausalLM(config_to_hf(model.cfg))
+    hf_config = config_to_hf(model.cfg)  # refuses grouped K/V heads
+    hf_model = GPTNeoXForCausalLM(hf_config)
     head_key = "lm_head.weight" if "lm_head.weight" in hf_model.state_dict() else "embed_out.weight"
     state = {(head_key if k == "embed_out.weight" else HF_PREFIX + k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf_model.load_state_dict(state, strict=False)

@@ -6,7 +6,8 @@ A finished seed of a run is a dict: its metrics.json, plus
   the mean loss of the run's final weights (`val`), per position bucket (`bucket:<lo>-<hi>`), per cache decoded
   token by token (`cache:<key>`) and the context check (`context:full`, `context:last<k>`);
 - `_stages`: per stage, the records it kept in its folder (`{stage: {file stem: arrays}}`): `windows_final` (its
-  last-epoch weights, before the best were loaded), `windows_base` (MKA's frozen base), `hard_examples` and
+  last-epoch weights, before the best were loaded), `windows_start` (its starting weights, when it validates
+  first: e.g. a mean-pooled GQA model), `windows_base` (MKA's frozen base), `hard_examples` and
   `calibration` (LEGO's per-token losses before and after phase 2);
 - `_folder`: the run folder.
 
@@ -47,7 +48,8 @@ VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_COMPARABLE)
 Runs = dict[str, list[dict[str, Any]]]  # run name -> one dict per finished seed (see the module docstring)
 LEVEL = 0.95
 RESAMPLES = 2000  # bootstrap resamples of every comparison
-STAGE_RECORDS = ("windows_final", "windows_base", "hard_examples", "calibration")  # the files `_stages` holds
+# The files `_stages` holds.
+STAGE_RECORDS = ("windows_final", "windows_start", "windows_base", "hard_examples", "calibration")
 
 
 class Missing(LookupError):
@@ -88,8 +90,8 @@ def fmt(xs: list[float], digits: int = 1) -> str:
 @dataclass(frozen=True)
 class Ref:
     """A per-window metric of a run: `metric` (`val`, `bucket:<lo>-<hi>`, `cache:<key>`, `context:full`...) of
-    `source`: "run" (the run's final weights, `_windows`), "final:<stage>" (the stage's last-epoch weights) or
-    "base:<stage>" (MKA's frozen base, scored before the stage)."""
+    `source`: "run" (the run's final weights, `_windows`), "final:<stage>" (the stage's last-epoch weights),
+    "start:<stage>" (its starting weights) or "base:<stage>" (MKA's frozen base, scored before the stage)."""
 
     run: str
     metric: str = "val"
@@ -100,7 +102,7 @@ class Ref:
         return f"{self.run} {self.metric}{where}"
 
 
-SOURCES = {"final": "windows_final", "base": "windows_base"}
+SOURCES = {"final": "windows_final", "start": "windows_start", "base": "windows_base"}
 
 
 def stage_record(seed: Mapping[str, Any], stage: str, stem: str) -> dict[str, np.ndarray] | None:
@@ -112,7 +114,7 @@ def records_of(seed: Mapping[str, Any], source: str) -> dict[str, np.ndarray] | 
         return seed.get("_windows")
     kind, _, stage = source.partition(":")
     if kind not in SOURCES or not stage:
-        raise ValueError(f"unknown per-window source {source!r} (run, final:<stage>, base:<stage>)")
+        raise ValueError(f"unknown per-window source {source!r} (run, final:<stage>, start:<stage>, base:<stage>)")
     return stage_record(seed, stage, SOURCES[kind])
 
 
@@ -337,17 +339,18 @@ def _claim_000_diverge(runs: Runs, threshold: Threshold) -> Judgement:
     )
 
 
-def adapter_curve(folder: Path) -> list[tuple[float, float]]:
-    """(adapter loss `adapter/val_adapter`, KA-cache AR PPL) per adapter-stage validation, from the CSV log."""
+def adapter_curve(folder: Path, loss: str = "adapter/val_adapter") -> list[tuple[float, float]]:
+    """(the adapter stage's validation `loss`, KA-cache AR PPL `adapter/val_ar_ppl`) per validation of the stage, in
+    epoch order, from the run's CSV log."""
     import csv
 
     rows: list[tuple[float, float]] = []
     for path in sorted(folder.rglob("metrics.csv")):
         with open(path) as f:
             for row in csv.DictReader(f):
-                loss, ppl = row.get("adapter/val_adapter") or "", row.get("adapter/val_ar_ppl") or ""
-                if loss and ppl:
-                    rows.append((float(loss), float(ppl)))
+                loss_value, ppl = row.get(loss) or "", row.get("adapter/val_ar_ppl") or ""
+                if loss_value and ppl:
+                    rows.append((float(loss_value), float(ppl)))
     return rows
 
 

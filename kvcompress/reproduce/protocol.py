@@ -4,9 +4,10 @@ the train CLI would compose it; the mini scale's BPE tokenizer."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def plan(
     specs = []
     check = protocol.get("context_check") or []
     check = [check] if isinstance(check, str) else list(check)
-    extra = tuple(str(c) for c in check)
+    extra = tuple(str(c) for c in check)  # every table's runs, unless the table says `context_check: false`
     for table in tables:
         if table not in protocol["tables"]:
             raise ValueError(f"--tables: no table {table!r} in the {protocol['scale']} protocol")
@@ -79,8 +80,32 @@ def plan(
         for name, overrides in runs.items():
             for seed in seeds:
                 folder = out / table / name / f"seed{seed}"
-                specs.append(RunSpec(table, name, seed, (*flat(overrides), *extra), folder, notes.get(name, "")))
-    return specs
+                checked = extra if entry.get("context_check", True) else ()
+                specs.append(RunSpec(table, name, seed, (*flat(overrides), *checked), folder, notes.get(name, "")))
+    return resolve_run_references(specs)
+
+
+RUN_REFERENCE = re.compile(r"\{run:([A-Za-z0-9_]+)\}")
+
+
+def resolve_run_references(specs: Sequence[RunSpec]) -> list[RunSpec]:
+    """Replace `{run:<name>}` in a run's overrides by the folder of run <name> of the same table and seed, which must
+    come earlier in the plan (runs train in plan order): e.g. a GQA conversion starts from its table's baseline."""
+    done: dict[tuple[str, str, int], Path] = {}
+    out = []
+    for spec in specs:
+
+        def folder(match: re.Match[str], spec: RunSpec = spec) -> str:
+            key = (spec.table, match.group(1), spec.seed)
+            if key not in done:
+                raise ValueError(
+                    f"table {spec.table} run {spec.name}: {match.group(0)} names no earlier run of seed {spec.seed}"
+                )
+            return str(done[key])
+
+        out.append(replace(spec, overrides=tuple(RUN_REFERENCE.sub(folder, o) for o in spec.overrides)))
+        done[(spec.table, spec.name, spec.seed)] = spec.folder
+    return out
 
 
 def compose(spec: RunSpec, stage_dir: Path) -> Any:

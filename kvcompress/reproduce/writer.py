@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from kvcompress.records import git_state
-from kvcompress.reproduce.claims import NOT_COMPARABLE, STAGE_RECORDS, TABLES, Judgement, Runs, fmt, values
+from kvcompress.reproduce.claims import NOT_COMPARABLE, STAGE_RECORDS, TABLES, Judgement, Runs, Table, fmt, values
+from kvcompress.reproduce.next_steps import NEXT_STEPS
 from kvcompress.reproduce.protocol import RunSpec
 from kvcompress.reproduce.runs import RUN_FILE, finished
 from kvcompress.utils import atomic_write_text, file_sha256
@@ -33,6 +34,9 @@ STATISTICS = (
     "With 2 seeds the bootstrap's seed draw is coarse (it sees about half the seed-to-seed variance); the window "
     "pairing carries most of the precision."
 )
+
+
+ALL_TABLES: dict[str, Table] = {**TABLES, "000n": NEXT_STEPS}  # the seed reports' tables and 000's next steps
 
 
 def _metrics_of(spec: RunSpec) -> list[dict[str, Any]]:
@@ -107,7 +111,7 @@ def table_section(
     table: str, specs: Sequence[RunSpec], out: Path, plots: dict[str, Path], entry: dict[str, Any] | None = None
 ) -> list[str]:
     """One table's section; `entry` is the protocol's table (its `deviations` and `thresholds`)."""
-    spec_table, entry = TABLES[table], entry or {}
+    spec_table, entry = ALL_TABLES[table], entry or {}
     runs = load_table_runs(specs)
     names = list(dict.fromkeys(s.name for s in specs))
     seconds = sum(run_seconds(s) for s in specs if finished(s))

@@ -94,9 +94,10 @@ class LMModule(L.LightningModule):
     def step(self, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Per-token losses (B, T), logits, and the per-name auxiliary losses (each averaged over layers)."""
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        aux: dict[str, list[Tensor]] = {}
+        # The weighted names arrive as keys, so a layer may compute a costly loss only when it is asked for.
+        aux: dict[str, list[Tensor]] = {name: [] for name in self.losses if name != "lm"}
         logits = self.forward_fn(inputs, aux=aux)
-        aux_losses = {name: torch.stack(values).mean() for name, values in aux.items()}
+        aux_losses = {name: torch.stack(values).mean() for name, values in aux.items() if values}
         return token_cross_entropy(logits, targets), logits, aux_losses
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:

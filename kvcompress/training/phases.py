@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, DONE = "weights.safetensors", "done.json"
 FINAL_WINDOWS = "windows_final.safetensors"  # per-window losses of a stage's last-epoch weights (before the best)
+START_WINDOWS = "windows_start.safetensors"  # ... and of its starting weights, when it validates first
 
 
 class StageHook(Protocol):
@@ -66,6 +67,9 @@ class Stage:
     losses: dict[str, Any] = field(default_factory=lambda: {"lm": 1.0})
     lr: float = 3e-4
     max_epochs: int = 10
+    # A step budget: each epoch trains at most ceil(max_steps / max_epochs) batches (Lightning's limit_train_batches),
+    # e.g. max_steps batches with max_epochs=1, fewer if an epoch is shorter (0: validation only); None: whole epochs.
+    max_steps: int | None = None
     patience: int | None = 1  # early-stopping patience in validations; None disables it
     monitor: str = "val_loss"
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the run's data config
@@ -73,13 +77,16 @@ class Stage:
     before: list[StageHook] = field(default_factory=list)  # run before the fit (not when reused)
     after: list[StageHook] = field(default_factory=list)  # run after the fit or the reuse (e.g. mining)
     callbacks: list[Any] = field(default_factory=list)  # this stage's own callbacks (factories)
-    validate_before: bool = False  # also record the metrics of the starting weights (`start_val_*`)
+    # also record the metrics of the starting weights (`start_val_*`; per window in `windows_start.safetensors`)
+    validate_before: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"stage name must be non-empty without '/': {self.name!r}")
         where = f"phase.stages.{self.name}"
         require_int(self.max_epochs, f"{where}.max_epochs", minimum=1)
+        if self.max_steps is not None:
+            require_int(self.max_steps, f"{where}.max_steps", minimum=0)
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not 0 < self.lr < float("inf"):
             raise ValueError(f"{where}.lr must be a positive number, got {self.lr!r}")
         if self.patience is not None:
@@ -341,6 +348,9 @@ class PhaseRunner:
             else:
                 start = {f"start_{k}": v for k, v in self._validate(trainer, module, datamodule, stage).items()}
                 if self.is_writer:
+                    if self.windows:
+                        meta = {"stage": stage.name, "weights": "start"}
+                        write_windows(folder, self.windows, meta, filename=START_WINDOWS)
                     atomic_write_json(start_file, start)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
@@ -436,6 +446,10 @@ class PhaseRunner:
 
     def _make_trainer(self, stage: Stage, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
         trainer = self.make_trainer(stage, callbacks, max_epochs)
+        if stage.max_steps is not None:  # the stage's step budget, spread over its (uncapped) epochs
+            per_epoch = -(-stage.max_steps // stage.max_epochs)
+            limit = trainer.limit_train_batches
+            trainer.limit_train_batches = min(per_epoch, limit) if isinstance(limit, int) else per_epoch
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic writes, weights_only reads
         set_log_step(trainer, self.step)  # a resumed fit restores its own (same) value from last.ckpt
         return trainer
