@@ -339,8 +339,8 @@ class Int4KVCache(LayerCache):
         K/V heads, each of a group's query heads in turn (a static loop)."""
         b = self.buffers
         read = _int4_decode_fused if self.fused_read else _int4_decode
-        args = (step.slots, step.mask, b["k"], b["k_scale"], b["k_zero"], b["v"], b["v_scale"], b["v_zero"])
-        args += (b["k_win"], b["v_win"], self.group_size, self.v_group, self.window)
+        args: tuple[Any, ...] = (step.slots, step.mask, b["k"], b["k_scale"], b["k_zero"], b["v"], b["v_scale"])
+        args += (b["v_zero"], b["k_win"], b["v_win"], self.group_size, self.v_group, self.window)
         B, nh, _, hs = q.shape
         g = b["v"].shape[1]
         if g == nh:
