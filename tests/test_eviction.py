@@ -57,7 +57,8 @@ def build(kind: str, max_len: int, **kwargs) -> LayerCache:
 
 
 class _Shape:
-    n_head, head_size = 1, HS
+    n_head = n_kv_head = 1
+    head_size = HS
 
 
 def feed(cache: LayerCache, keys: torch.Tensor, prefill: int = 0) -> list[set[int]]:
@@ -148,3 +149,10 @@ def test_bad_rule_settings_fail_in_one_line() -> None:
         build("snapkv", 8, kernel_size=4)
     with pytest.raises(ValueError, match="snapkv pooling='mean'"):
         build("snapkv", 8, pooling="mean")
+
+
+@pytest.mark.parametrize("kind", ["streaming_llm", "h2o", "snapkv", "tova", "knorm"])
+def test_grouped_kv_heads_are_refused_in_one_line(kind: str) -> None:
+    model = GPTNeoX(ModelConfig.from_name("tiny", n_kv_head=2))
+    with pytest.raises(ValueError, match=rf"cache '{kind}' does not hold grouped K/V heads \(n_kv_head=2 < n_head=4\)"):
+        model.build_caches(1, 8, kind=kind)

@@ -83,6 +83,15 @@ class EvictionCache(LayerCache):
             "pos": torch.full((B, nh, S), -1, device=device, dtype=torch.int32),
         }
 
+    @classmethod
+    def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> LayerCache:
+        if attn.n_kv_head != attn.n_head:  # eviction scores are per query head; grouped K/V slots are not built yet
+            raise ValueError(
+                f"cache {cls.name!r} does not hold grouped K/V heads (n_kv_head={attn.n_kv_head} < n_head="
+                f"{attn.n_head}); use kv, fp16, int8 or int4 with GQA / MQA"
+            )
+        return super().build(attn, batch_size, max_len, device=device, dtype=dtype, **kwargs)
+
     # --- the rule ----------------------------------------------------------------------------------------
     def keep_scores(self, cand: dict[str, Tensor], probs: Tensor | None, last_pos: Tensor, decoding: bool) -> Tensor:
         """A score per candidate (B, nh, N), higher kept. `cand`: the candidates' `pos` (B, nh, N) (-1: empty or
