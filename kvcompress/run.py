@@ -15,6 +15,7 @@ Heavy imports (Lightning) wait until a run starts, so `--help` and a missing dat
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,6 +236,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
         epochs_cap=cfg.phase.get("epochs_cap"),
         checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
         checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
+        keep_checkpoints=bool(cfg.checkpoint.get("keep_finished", False)),
     )
     status = "failed"
     try:
@@ -256,6 +258,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
                     "frozen_params": r.frozen_params,
                     "weights": r.weights,
                     **r.metrics,
+                    **({"timing": r.timing} if r.timing else {}),
                 }
                 for r in results
             ],
@@ -420,6 +423,14 @@ def one_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
+def rerun_command(argv: list[str] | None = None) -> str:
+    """This process's command line as the user would type it again (`python -m kvcompress.train ...`)."""
+    argv = list(sys.argv if argv is None else argv)
+    entry = Path(argv[0]) if argv else Path("train.py")
+    head = ["python", "-m", f"kvcompress.{entry.stem}"] if entry.parent.name == "kvcompress" else ["python", argv[0]]
+    return shlex.join([*head, *argv[1:]])
+
+
 def run_guarded(cfg: DictConfig, job: Job) -> float | None:
     """`job` (`train_stages` or `evaluate_weights`) after `prepare`, under a guard (lightning-hydra-template's
     `task_wrapper`): every failure goes to train.log and W&B is always closed. Bad input (missing data, wrong
@@ -441,8 +452,15 @@ def run_guarded(cfg: DictConfig, job: Job) -> float | None:
             if multirun:
                 return float("inf")  # a failed job: the worst score for a sweeper
             raise SystemExit(1) from None
+        from kvcompress.training.checkpoints import StageInterrupted  # (Lightning is loaded by now)
+
         try:
             return objective(cfg, job(run))
+        except StageInterrupted as stop:  # a signal: the stage saved its state; the same command resumes
+            line = f"interrupted by {stop}; resume with: {rerun_command()}"
+            log.warning("%s", line)
+            atomic_write_text(output_dir / FAILURE_FILE, line + "\n")
+            raise SystemExit(128 + stop.signum) from None
         except Exception as err:
             log.exception("run failed")
             why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"
