@@ -26,6 +26,7 @@ FLOORS: dict[str, set[str]] = {
     "train": {"run"},
     "eval": {"run"},
     "report": {"evaluation"},
+    "stages": {"training"},
     "__init__": {"models", "methods"},
 }
 

@@ -4,6 +4,7 @@ beside its val PPL, computed with `kvcompress.evaluation.metrics`, for the run's
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,9 @@ import torch
 from kvcompress.config import CacheConfig, EvalConfig
 from kvcompress.evaluation import metrics
 from kvcompress.models import GPTNeoX
+
+log = logging.getLogger(__name__)
+PLAIN_KINDS = ("kv", "native")  # the caches the others are measured against
 
 
 def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
@@ -65,6 +69,7 @@ def evaluate(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig | 
     batches = _val_batches(datamodule, ar.max_batches, device) if ar.enabled else []
     main = cfg.cache
     per_cache = {key: evaluate_cache(net, cache, cfg, batches) for key, cache in cfg.all_caches().items()}
+    warn_about_caches(net, cfg, per_cache, int(getattr(datamodule, "seq_len", 128)))
     main_result = next(iter(per_cache.values()))
     out: dict[str, Any] = {"cache": main_result, "caches": per_cache}
     for key in ("decode_tokens_per_s", "ttft_s", "tpot_s"):
@@ -82,3 +87,21 @@ def evaluate(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig | 
             cache_kwargs=main.kwargs,
         )
     return out
+
+
+def warn_about_caches(net: GPTNeoX, cfg: EvalConfig, results: dict[str, dict[str, Any]], seq_len: int) -> None:
+    """A cache that at its settings equals another (e.g. int4 whose window holds the whole context) or holds more
+    than KV gets a `note` in its results (the report marks it) and one warning line for all of them."""
+    for key, cache in cfg.all_caches().items():
+        result, notes = results[key], []
+        same = net.build_caches(1, seq_len, kind=cache.name, device="meta", **cache.kwargs)[0].equals()
+        if same and same != cache.name:
+            notes.append(f"equals {same} at {seq_len}-token windows")
+        if cache.name not in PLAIN_KINDS and result["bytes_per_token"] > result["kv_bytes_per_token"]:
+            ours, kv = result["bytes_per_token"], result["kv_bytes_per_token"]
+            notes.append(f"holds more than KV ({ours:.0f} vs {kv:.0f} B/token)")
+        if notes:
+            result["note"] = "; ".join(notes)
+    noted = [f"{key} {results[key]['note']}" for key in results if "note" in results[key]]
+    if noted:
+        log.warning("eval caches: %s (check their settings)", "; ".join(noted))
