@@ -11,12 +11,13 @@ record go to `metrics.json` with the same schema as a training run's, plus `ckpt
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from kvcompress.run import CONF_DIR, INPUT_ERRORS, evaluate_weights, one_line, run_guarded
+from kvcompress.run import CONF_DIR, INPUT_ERRORS, evaluate_weights, one_line, refuse_ignored_overrides, run_guarded
 
 _NOT_FROM_THE_RUN = ("hydra.", "paths.output_dir", "task_name=", "ckpt_path=")
 
@@ -70,4 +71,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_ignored_overrides(sys.argv[1:])
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,16 @@ INPUT_ERRORS = (DataUnavailableError, FileNotFoundError, ValueError, KeyError, I
 Job = Callable[["PreparedRun"], dict[str, Any]]
 
 register_resolvers()
+
+
+def quiet_library_warnings() -> None:
+    """Warnings of the libraries that say nothing true about a kvcompress run: Lightning 2.6 still uses torch's
+    deprecated `LeafSpec` (nothing to act on), and it calls our mid-epoch resume unreliable because our loader
+    resumes itself (`data.datamodule`; tested exact by tests/test_resume.py)."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def build_hook(spec: Any, **context: Any) -> Any:
@@ -83,8 +94,13 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import WandbLogger
 
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # Lightning passes anonymous=None, which wandb warns has no effect
+            logger._wandb_init.pop("anonymous", None)
+    return loggers
 
 
 def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[L.Callback]:
@@ -121,14 +137,23 @@ def check_settings(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if "lr" in cfg.optimizer:
-        raise ValueError(
-            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
-            "Set phase.stages.<stage>.lr instead."
-        )
+        raise ValueError(optimizer_lr_refused(cfg.optimizer.lr))
     if cfg.phase.get("epochs_cap") is not None:
         from kvcompress.training.phases import require_int  # (imports Lightning: only when needed)
 
         require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
+
+
+def optimizer_lr_refused(value: Any) -> str:
+    return f"optimizer.lr={value} would be ignored: each stage sets its own lr. Set phase.stages.<stage>.lr instead."
+
+
+def refuse_ignored_overrides(argv: list[str]) -> None:
+    """Settings refused before Hydra composes (which would answer `Key 'lr' is not in struct`): one line, exit 1."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "optimizer.lr":
+            raise SystemExit(f"error: ValueError: {optimizer_lr_refused(value)}")
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
@@ -185,6 +210,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     """Everything that fails on bad input: settings, tokenizer, data, model, cache and phase checks. Nothing is
     written."""
     check_settings(cfg)
+    quiet_library_warnings()
     check_tokenizer(cfg)  # before anything imports Lightning (seconds): a missing data folder answers at once
     stages = build_stages(cfg.phase)  # each stage checks its own settings
     import lightning as L
@@ -320,6 +346,7 @@ def end_of_run(
 ) -> dict[str, Any]:
     """The end-of-run evaluation joins `metrics` with the run record; logged as `eval/*`, written to metrics.json."""
     from kvcompress.evaluation.evaluate import evaluate
+    from kvcompress.evaluation.summary import results_table
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
     eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
@@ -333,7 +360,7 @@ def end_of_run(
         logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
     path = Path(cfg.paths.output_dir) / "metrics.json"
     atomic_write_json(path, metrics)
-    log.info("metrics written to %s", path)
+    log.info("results (all of them in %s):\n%s", path, results_table(metrics))
     return metrics
 
 

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--yes", action="store_true", help="remove: really delete")
     p.add_argument("--unfinished", action="store_true", help="remove: unfinished (resumable) stages too")
     args = p.parse_args(argv)
-    from kvcompress.training.stage_folders import list_stage_folders, remove_folder, removable, size_text, table
+    from kvcompress.training.stage_folders import list_stage_folders, removable, remove_folder, size_text, table
 
     stage_dirs = [Path(d) for pattern in args.stage_dir or DEFAULT_STAGE_DIRS for d in _glob(pattern)]
     folders = list_stage_folders(stage_dirs, [Path(r) for r in args.runs or ["outputs"]])
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(doomed) if doomed else "no stage folder to remove (every one is referenced by a run or in use)")
     if not doomed or args.dry_run or not args.yes:
         if doomed:
-            print(f"dry run: rerun with --yes to remove these {len(doomed)} folders ({size_text(sum(f.size for f in doomed))})")
+            size = size_text(sum(f.size for f in doomed))
+            print(f"dry run: rerun with --yes to remove these {len(doomed)} folders ({size})")
         return 0
     removed = [f for f in doomed if remove_folder(f)]
     print(f"removed {len(removed)} stage folders, {size_text(sum(f.size for f in removed))}")

@@ -148,6 +148,9 @@ def test_a_cache_equal_to_kv_or_larger_says_so_in_one_warning_line(caplog):
     with caplog.at_level(logging.WARNING):
         out = evaluate(net, SimpleNamespace(seq_len=128), cfg)
     assert "note" not in out["caches"]["kv"] and "note" not in out["caches"]["int4"]
-    assert out["caches"]["int4_w128"]["note"] == "equals kv at 128-token windows; holds more than KV (1248 vs 1024 B/token)"
+    assert (
+        out["caches"]["int4_w128"]["note"]
+        == "equals kv at 128-token windows; holds more than KV (1248 vs 1024 B/token)"
+    )
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "int4_w128 equals kv" in line and "\n" not in line

@@ -137,7 +137,9 @@ def test_ctrl_c_mid_stage_saves_and_resumes_to_the_same_metrics(tmp_path, corpus
     [("SIGTERM", "recon", 4, 4), ("SIGUSR1", "lm", 5, 6)],
     ids=["sigterm_at_an_epochs_last_step", "sigusr1_mid_stage_2"],
 )
-def test_signals_save_and_resume_to_the_same_metrics(tmp_path, corpus, uninterrupted, name, stage_name, step, saved_step):
+def test_signals_save_and_resume_to_the_same_metrics(
+    tmp_path, corpus, uninterrupted, name, stage_name, step, saved_step
+):
     """SIGTERM on an epoch's last step waits for its validation's last.ckpt; SLURM's SIGUSR1 mid stage 2."""
     resumed, saved = signal_and_resume(tmp_path, corpus, name, stage_name, step)
     assert saved == saved_step
