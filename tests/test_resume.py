@@ -104,12 +104,11 @@ def test_killed_anywhere_resumes_to_the_same_metrics(tmp_path, corpus, uninterru
 
 
 def signal_and_resume(tmp_path: Path, corpus: Path, name: str, stage_name: str, step: int) -> tuple[dict, int]:
-    """The run gets `name` after `step` of `stage_name`, with no periodic checkpoint (only the one the signal
-    writes, or the end-of-validation one); it exits 128 + the signal, says what it saved and how to resume."""
-    no_periodic = ["checkpoint.every_n_steps=null", "checkpoint.every_minutes=null"]
+    """The run gets `name` after `step` of `stage_name`; it exits 128 + the signal, says what it saved and how to
+    resume. (Periodic checkpoints come every 2 steps: a saved odd step is the signal's own.)"""
     signalled = run(
         tmp_path, corpus, "+callbacks.signal._target_=killer.SignalAt", f"+callbacks.signal.stage={stage_name}",
-        f"+callbacks.signal.step={step}", f"+callbacks.signal.signal={name}", *no_periodic,
+        f"+callbacks.signal.step={step}", f"+callbacks.signal.signal={name}",
     )  # fmt: skip
     output = signalled.stdout + signalled.stderr
     assert signalled.returncode == 128 + getattr(signal, name), output[-3000:]
@@ -118,15 +117,15 @@ def signal_and_resume(tmp_path: Path, corpus: Path, name: str, stage_name: str, 
     assert not (tmp_path / "run" / "metrics.json").exists()
     (last,) = (tmp_path / "stages").glob(f"{stage_name}-*/checkpoints/last.ckpt")
     saved_step = torch.load(last, weights_only=True)["global_step"]
-    resumed = run(tmp_path, corpus, *no_periodic)
+    resumed = run(tmp_path, corpus)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return json.loads((tmp_path / "run" / "metrics.json").read_text()), saved_step
 
 
 def test_ctrl_c_mid_stage_saves_and_resumes_to_the_same_metrics(tmp_path, corpus, uninterrupted):
-    """Ctrl-C after step 1 of 4: the step in hand finishes, last.ckpt of step 2 is written, the rerun resumes."""
-    resumed, saved_step = signal_and_resume(tmp_path, corpus, "SIGINT", "recon", 1)
-    assert saved_step == 2
+    """Ctrl-C after step 2 of 4: the step in hand finishes, last.ckpt of step 3 is written, the rerun resumes."""
+    resumed, saved_step = signal_and_resume(tmp_path, corpus, "SIGINT", "recon", 2)
+    assert saved_step == 3
     assert stage(resumed, "recon")["resumed"]
     assert comparable(resumed) == comparable(uninterrupted)
 
@@ -134,7 +133,7 @@ def test_ctrl_c_mid_stage_saves_and_resumes_to_the_same_metrics(tmp_path, corpus
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "stage_name", "step", "saved_step"),
-    [("SIGTERM", "recon", 4, 4), ("SIGUSR1", "lm", 5, 6)],
+    [("SIGTERM", "recon", 4, 4), ("SIGUSR1", "lm", 6, 7)],
     ids=["sigterm_at_an_epochs_last_step", "sigusr1_mid_stage_2"],
 )
 def test_signals_save_and_resume_to_the_same_metrics(
