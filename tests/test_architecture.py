@@ -27,6 +27,7 @@ FLOORS: dict[str, set[str]] = {
     "eval": {"run"},
     "report": {"evaluation"},
     "stages": {"training"},
+    "costs": {"utils"},
     "__init__": {"models", "methods"},
 }
 
