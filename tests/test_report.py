@@ -69,3 +69,16 @@ def test_flatten_names_stages_and_caches() -> None:
     assert report.flatten(json.loads(json.dumps(metrics))) == {
         "val_ppl": 3.0, "stages.lm.val_ppl": 4.0, "caches.int8.tpot_s": 0.5,
     }  # fmt: skip
+
+
+def test_report_wandb_run_joins_the_sweeps_group_with_its_config_and_tags(sweep: Path, tmp_path: Path) -> None:
+    from helpers import wandb_offline_run
+
+    out = tmp_path / "report"
+    assert report.main([str(sweep), "--out", str(out), "--wandb"]) == 0
+    run = wandb_offline_run(out)
+    assert run["group"] == f"train/{sweep.name}"  # the runs' own W&B group (a multirun: task/sweep folder)
+    assert run["name"] == f"report:train/{sweep.name} (2 configurations, 4 runs)"
+    assert {"report", "pythia-70m", "standard", "local"} <= set(run["tags"])
+    assert run["config"]["configurations"] == {"batch_size=4": 2, "batch_size=8": 2}
+    assert len(run["config"]["runs"]) == 4 and "debug=smoke" in run["config"]["common_settings"]
