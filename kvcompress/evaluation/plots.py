@@ -162,15 +162,15 @@ def plot_position_ppl(rows: Sequence[Aggregate], path: Path) -> Path:
     names, common = legend_labels([row.label for row in rows])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     values: list[float] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         keys = [f"val_pos_ppl.{b}" for b in pos]
         if pos and all(k in row.values for k in keys):
             means = [row.mean(k) for k in keys]
             values += means
             errors = [ci95(row.values[k]) for k in keys]
-            ax.errorbar(
-                range(len(pos)), means, yerr=errors, marker="o", capsize=3, label=names[row.label] + _n_text(row.n)
-            )
+            shift = (i - (len(rows) - 1) / 2) * 0.04  # side by side, so the error bars do not hide each other
+            x = [j + shift for j in range(len(pos))]
+            ax.errorbar(x, means, yerr=errors, marker="o", capsize=3, label=names[row.label] + _n_text(row.n))
     ax.set_xticks(range(len(pos)), [f"[{b})" for b in pos])
     ax.set(xlabel="token positions", ylabel="validation PPL")
     plain_axis(ax, "y", values)
@@ -284,8 +284,12 @@ def plot_training_curves(runs: Sequence[RunResult], path: Path) -> Path:
         seeds[run.label] = seeds.get(run.label, 0) + 1
         for key, points in training_curves(run.path).items():
             by_step: dict[int, list[float]] = {}
-            for step, value in points:  # one run may log a step twice (fit end and the stage's validation)
+            last = None
+            for step, value in sorted(points):
+                if key.endswith("/val_ppl") and value == last:  # the same weights validated again (the stage's end)
+                    continue
                 by_step.setdefault(step, []).append(value)
+                last = value
             for step, values in by_step.items():
                 series.setdefault((run.label, key), {}).setdefault(step, []).append(statistics.fmean(values))
             stage = key.split("/")[0]
@@ -304,12 +308,19 @@ def plot_training_curves(runs: Sequence[RunResult], path: Path) -> Path:
         color = colors[labels.index(label) % len(colors)]
         text = None if (label, metric) in labelled else f"{names[label]}{_n_text(seeds[label])}"
         labelled.add((label, metric))
-        ax.plot(steps, means, color=color, marker="o" if metric == "val_ppl" else None, ms=4, lw=1.2, label=text)
-        if seeds[label] > 1:
-            half = [ci95(by_step[s]) for s in steps]
+        half = [ci95(by_step[s]) for s in steps] if seeds[label] > 1 else None
+        if metric == "val_ppl":  # few points: each with its error bar
+            ax.errorbar(steps, means, yerr=half, color=color, marker="o", ms=4, lw=1.2, capsize=3, label=text)
+            continue
+        ax.plot(steps, means, color=color, lw=1.2, label=text)
+        if half:
             ax.fill_between(steps, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)],
                             color=color, alpha=0.15, lw=0)  # fmt: skip
-    for ax, metric, ylabel in ((loss_ax, "train_loss", "training loss"), (val_ax, "val_ppl", "validation PPL")):
+    panels = (
+        (loss_ax, "train_loss", "training loss (each stage's own objective)"),
+        (val_ax, "val_ppl", "validation PPL"),
+    )
+    for ax, metric, ylabel in panels:
         ax.set(xlabel="step (runs on across stages)", ylabel=ylabel)
         plain_axis(ax, "y", values[metric])
         if len(stage_starts) > 1:
@@ -318,7 +329,7 @@ def plot_training_curves(runs: Sequence[RunResult], path: Path) -> Path:
                 ax.text(start, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.4")
     _title(loss_ax, "Training loss", common, width=70)
     _title(val_ax, "Validation PPL", "")
-    band = "; band: 95% CI over seeds" if any(n > 1 for n in seeds.values()) else ""
+    band = "; band and bars: 95% CI over seeds" if any(n > 1 for n in seeds.values()) else ""
     _legend(loss_ax, len(labels), "mean over seeds" + band)
     return _save(fig, path)
 
