@@ -109,7 +109,7 @@ def measure_run(row: Row, work: Path) -> dict[str, Any]:
 
 
 def measure_extrapolated(row: Row, work: Path, steps: int) -> dict[str, Any]:
-    args = [*row.args, f"trainer.max_steps={WARMUP + steps}", f"trainer.limit_val_batches={VAL_BATCHES}"]
+    args = [*row.args, f"++trainer.max_steps={WARMUP + steps}", f"++trainer.limit_val_batches={VAL_BATCHES}"]
     wall, metrics = _train(args, work / row.id)
     counts = _data_counts(metrics)
     val_batches = math.ceil(counts["val_windows"] / counts["batch_size"])
@@ -206,13 +206,19 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
     return what, f"{duration(r['train_s'])} of training (each run's wall time, summed; REPRODUCTION.md)"
 
 
+def _loads(data: dict[str, Any]) -> str:
+    loads = [x for r in data["rows"].values() for x in r.get("load_average", [])]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
+
+
 def render(data: dict[str, Any]) -> str:
     machine = data["machine"]
     lines = [
         BEGIN,
         f"Measured by `python -m kvcompress.costs` on {machine['date']} ({machine['cpu']}, {machine['cores']} cores, "
-        f"{machine['torch_threads']} torch threads, no GPU, fp32, offline WikiText-2, load average "
-        f"{machine['load_average']} from other work on the machine; `docs/costs.json`):",
+        f"{machine['torch_threads']} torch threads, no GPU, fp32, offline WikiText-2; `docs/costs.json`). "
+        f"The machine was shared with other work (1-min load average {_loads(data)} during these measurements): "
+        "on an idle machine each row takes less.",
         "",
         "| command | what runs | cost here |",
         "| --- | --- | --- |",
@@ -240,7 +246,6 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "load_average": round(os.getloadavg()[1], 1),  # 5 min, at the end: other work slows every row
     }
 
 
@@ -259,16 +264,20 @@ def main(argv: list[str] | None = None) -> int:
             if row.id not in wanted:
                 continue
             print(f"measuring {row.command} ...", flush=True)
+            load = os.getloadavg()[0]
             if row.kind == "run":
-                data["rows"][row.id] = measure_run(row, work)
+                result = measure_run(row, work)
             elif row.kind == "extrapolated":
-                data["rows"][row.id] = measure_extrapolated(row, work, args.steps)
+                result = measure_extrapolated(row, work, args.steps)
             elif row.kind == "bench":
-                data["rows"][row.id] = measure_bench(work)
+                result = measure_bench(work)
             else:
-                data["rows"][row.id] = measure_reproduce(Path("outputs/reproduce/mini"))
-        data["machine"] = machine()
-        atomic_write_json(JSON_PATH, data)
+                result = measure_reproduce(Path("outputs/reproduce/mini"))
+            if row.kind != "reproduce":  # other work on the machine slows a row: its 1-min load, start and end
+                result["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+            data["rows"][row.id] = result
+            data["machine"] = machine()
+            atomic_write_json(JSON_PATH, data)  # after every row: a failed row keeps the others
     table = render(data)
     atomic_write_text(README, update_readme(README.read_text(), table))
     print(table)

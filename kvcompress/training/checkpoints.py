@@ -215,6 +215,8 @@ class SaveOnSignal(L.Callback):
         asked = self.signum is not None
         if trainer.world_size > 1:  # every rank stops at the same step (one may have got the signal)
             asked = bool(trainer.strategy.reduce_boolean_decision(asked, all=False))
+            if asked and self.signum is None:
+                self.signum = signal.SIGTERM  # another rank's signal
         return asked
 
     def _stop(self, trainer: L.Trainer, saved: Path | None) -> None:
