@@ -4,10 +4,10 @@ cost on this machine, write `docs/costs.json` and the README's cost table (betwe
 
 - whole runs (the quickstart, `debug=smoke`): the command as written, timed from start to exit, in fresh run and
   stage folders (the tokenized data already cached), with the val PPL it reached;
-- long runs (the default run, the V-DProj two-stage run): the same command stopped after `--steps` training
-  steps of each stage (`trainer.max_steps`; the first 2 are a warm-up, the rest timed by the run's own
-  `RunEstimate`) and validations of 10 batches, then extrapolated with the counts the run reports: steps an epoch
-  (the data module's), max epochs (the stage's, capped), validation batches (the validation windows used);
+- long runs (the default run, the V-DProj two-stage run): the same command with one epoch of 2 + `--steps`
+  training steps a stage (the first 2 a warm-up, the rest timed by the run's own `RunEstimate`) and validations
+  of 10 batches, then extrapolated with the counts the run reports: steps an epoch and validation batches (from
+  the windows the data module used), max epochs (the stage's);
 - the bench's CPU preset, timed; `make reproduce`, read from the last reproduction's own run timings
   (`outputs/reproduce/mini/**/reproduce.json`), or "not measured yet".
 """
@@ -109,18 +109,32 @@ def measure_run(row: Row, work: Path) -> dict[str, Any]:
 
 
 def measure_extrapolated(row: Row, work: Path, steps: int) -> dict[str, Any]:
-    args = [*row.args, f"++trainer.max_steps={WARMUP + steps}", f"++trainer.limit_val_batches={VAL_BATCHES}"]
+    """One epoch of `WARMUP + steps` steps a stage (its validation: `VAL_BATCHES` batches), then the run's real
+    counts: steps an epoch and validation batches from the windows the data module used, max epochs from the
+    stage's config (the command as written caps nothing)."""
+    args = [
+        *row.args, f"++trainer.limit_train_batches={WARMUP + steps}", f"++trainer.limit_val_batches={VAL_BATCHES}",
+        "phase.epochs_cap=1",
+    ]  # fmt: skip
     wall, metrics = _train(args, work / row.id)
     counts = _data_counts(metrics)
-    val_batches = math.ceil(counts["val_windows"] / counts["batch_size"])
+    data = metrics["config"]["data"]
+    steps_per_epoch = math.ceil(counts["train_windows"] / counts["batch_size"])
+    val_batches = math.ceil(counts["val_windows"] / int(data.get("eval_batch_size") or counts["batch_size"]))
     stages = []
     for stage in metrics["stages"]:
-        timing = dict(stage.get("timing") or {})
+        timing = stage.get("timing") or {}
         if "step_s" not in timing or "val_batch_s" not in timing:
             raise RuntimeError(f"stage {stage['name']} of {row.command} recorded no step or validation time")
-        timing["val_batches"] = val_batches  # the full validation, not the truncated run's 10 batches
-        timing.pop("max_steps", None)
-        stages.append({"name": stage["name"], **timing})
+        stages.append({
+            "name": stage["name"],
+            "steps_per_epoch": steps_per_epoch,
+            "max_epochs": int(metrics["config"]["phase"]["stages"][stage["name"]]["max_epochs"]),
+            "val_batches": val_batches,
+            "step_s": timing["step_s"],
+            "val_batch_s": timing["val_batch_s"],
+            "measured_steps": timing["measured_steps"],
+        })  # fmt: skip
     return {"truncated_wall_s": wall, "stages": stages, **counts}
 
 
