@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -63,17 +64,26 @@ ROWS = (
 # ----------------------------------------------------------------------------- measuring
 
 
-def _train(args: list[str], folder: Path) -> tuple[float, dict[str, Any]]:
-    """Run `python -m kvcompress.train args` in fresh folders under `folder`: (wall seconds, metrics.json)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    cmd = [sys.executable, "-m", "kvcompress.train", *args, "print_config=false", "logger=csv",
-           f"hydra.run.dir={folder / 'run'}", f"paths.stage_dir={folder / 'stages'}"]  # fmt: skip
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """Run `cmd`: (wall seconds, CPU seconds of the process and its children: less sensitive to other work on
+    the machine than the wall time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{done.stderr[-3000:]}")
-    return wall, json.loads((folder / "run" / "metrics.json").read_text())
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def _train(args: list[str], folder: Path) -> tuple[float, float, dict[str, Any]]:
+    """Run `python -m kvcompress.train args` in fresh folders under `folder`: (wall s, CPU s, metrics.json)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    cmd = [sys.executable, "-m", "kvcompress.train", *args, "print_config=false", "logger=csv",
+           f"hydra.run.dir={folder / 'run'}", f"paths.stage_dir={folder / 'stages'}"]  # fmt: skip
+    wall, cpu = _timed(cmd)
+    return wall, cpu, json.loads((folder / "run" / "metrics.json").read_text())
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -96,10 +106,11 @@ def _data_counts(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_run(row: Row, work: Path) -> dict[str, Any]:
-    wall, metrics = _train(list(row.args), work / row.id)
+    wall, cpu, metrics = _train(list(row.args), work / row.id)
     stages = [{"name": s["name"], "steps": s.get("steps"), **(s.get("timing") or {})} for s in metrics["stages"]]
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "val_ppl": metrics["val_ppl"],
         "start_val_ppl": metrics["stages"][0].get("start_val_ppl"),
         "stages": stages,
@@ -116,7 +127,7 @@ def measure_extrapolated(row: Row, work: Path, steps: int) -> dict[str, Any]:
         *row.args, f"++trainer.limit_train_batches={WARMUP + steps}", f"++trainer.limit_val_batches={VAL_BATCHES}",
         "phase.epochs_cap=1",
     ]  # fmt: skip
-    wall, metrics = _train(args, work / row.id)
+    wall, _, metrics = _train(args, work / row.id)
     counts = _data_counts(metrics)
     data = metrics["config"]["data"]
     steps_per_epoch = math.ceil(counts["train_windows"] / counts["batch_size"])
@@ -141,11 +152,8 @@ def measure_extrapolated(row: Row, work: Path, steps: int) -> dict[str, Any]:
 def measure_bench(work: Path) -> dict[str, Any]:
     out = work / "bench"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kvcompress.bench", "--out", str(out)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"python -m kvcompress.bench failed:\n{done.stderr[-3000:]}")
-    return {"wall_s": time.perf_counter() - start}
+    wall, cpu = _timed([sys.executable, "-m", "kvcompress.bench", "--out", str(out)])
+    return {"wall_s": wall, "cpu_s": cpu}
 
 
 def measure_reproduce(root: Path) -> dict[str, Any]:
@@ -183,6 +191,10 @@ def _windows(r: dict[str, Any]) -> str:
     return text
 
 
+def _cpu(r: dict[str, Any]) -> str:
+    return f" ({r['cpu_s']:.0f} s of CPU time)" if "cpu_s" in r else ""
+
+
 def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
     """(what runs, what it costs here) for one measured row."""
     if row.kind == "run":
@@ -190,7 +202,7 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
         what = f"{steps} training steps of {r['batch_size']} x {r['seq_len']} tokens ({_windows(r)})"
         ppl = f"val PPL {r['start_val_ppl']:,.0f} -> {r['val_ppl']:,.1f}" if r.get("start_val_ppl") else (
             f"val PPL {r['val_ppl']:,.1f}")  # fmt: skip
-        cost = f"{r['wall_s']:.0f} s wall, command to `metrics.json`; {ppl}"
+        cost = f"{r['wall_s']:.0f} s wall{_cpu(r)}, command to `metrics.json`; {ppl}"
         return what, cost
     if row.kind == "extrapolated":
         parts, costs, total = [], [], 0.0
@@ -210,7 +222,10 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
                 "early stopping may end it sooner)")  # fmt: skip
         return what, cost
     if row.kind == "bench":
-        return "every cache kind + HF, 2 decode cells; training vs HF (CPU preset)", f"{r['wall_s']:.0f} s wall"
+        return (
+            "every cache kind + HF, 2 decode cells; training vs HF (CPU preset)",
+            f"{r['wall_s']:.0f} s wall{_cpu(r)}",
+        )
     if not r.get("measured"):
         return (
             "SCALE=mini: 5 tables x 3 seeds",
