@@ -143,6 +143,7 @@ def measure_extrapolated(row: Row, work: Path, steps: int) -> dict[str, Any]:
             "max_epochs": int(metrics["config"]["phase"]["stages"][stage["name"]]["max_epochs"]),
             "val_batches": val_batches,
             "step_s": timing["step_s"],
+            "step_cpu_s": timing.get("step_cpu_s"),
             "val_batch_s": timing["val_batch_s"],
             "measured_steps": timing["measured_steps"],
         })  # fmt: skip
@@ -211,7 +212,8 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
             total += est["stage_s"]
             name = f"{s['name']}: " if len(r["stages"]) > 1 else ""
             parts.append(f"{name}{s['steps_per_epoch']:,} steps an epoch, up to {s['max_epochs']} epochs")
-            costs.append(f"{name}{s['step_s']:.2f} s a step, {duration(est['epoch_s'])} an epoch, "
+            cpu = f" ({s['step_cpu_s']:.2f} s of CPU time)" if s.get("step_cpu_s") else ""
+            costs.append(f"{name}{s['step_s']:.2f} s a step{cpu}, {duration(est['epoch_s'])} an epoch, "
                          f"up to {duration(est['stage_s'])}")  # fmt: skip
         val = r["stages"][0]
         what = (f"{'; '.join(parts)} ({r['batch_size']} x {r['seq_len']} tokens; {_windows(r)}); "

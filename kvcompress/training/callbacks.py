@@ -124,7 +124,7 @@ class RunEstimate(L.Callback):
         self.warmup, self.measure = warmup, measure
         self.timing: dict[str, Any] = {}
         self._steps = 0  # steps of this fit
-        self._t0 = 0.0
+        self._t0 = self._cpu0 = 0.0
         self._val_t0 = 0.0
         self._val_batches = 0
 
@@ -152,9 +152,11 @@ class RunEstimate(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._steps += 1
         if self._steps == self.warmup:
-            self._t0 = time.perf_counter()
+            self._t0, self._cpu0 = time.perf_counter(), time.process_time()
         elif self._steps == self.warmup + self.measure:
-            self.timing.update(step_s=(time.perf_counter() - self._t0) / self.measure, measured_steps=self.measure)
+            step_s = (time.perf_counter() - self._t0) / self.measure
+            step_cpu_s = (time.process_time() - self._cpu0) / self.measure  # all threads: less sensitive to load
+            self.timing.update(step_s=step_s, step_cpu_s=step_cpu_s, measured_steps=self.measure)
             self._report()
         if "step_s" in self.timing and trainer.progress_bar_callback is not None:
             pl_module.log("run_eta_min", self.remaining(trainer.global_step) / 60, prog_bar=True, logger=False)
