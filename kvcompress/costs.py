@@ -188,7 +188,7 @@ def _windows(r: dict[str, Any]) -> str:
     text = f"{r['train_windows']:,} windows of {r['seq_len']} tokens"
     asked = r.get("train_windows_asked")
     if asked and asked > r["train_windows"]:
-        text += f" (all that exist of the {asked:,} asked)"
+        text += f": all that exist of the {asked:,} asked"
     return text
 
 
@@ -213,8 +213,8 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
             name = f"{s['name']}: " if len(r["stages"]) > 1 else ""
             parts.append(f"{name}{s['steps_per_epoch']:,} steps an epoch, up to {s['max_epochs']} epochs")
             cpu = f" ({s['step_cpu_s']:.2f} s of CPU time)" if s.get("step_cpu_s") else ""
-            costs.append(f"{name}{s['step_s']:.2f} s a step{cpu}, {duration(est['epoch_s'])} an epoch, "
-                         f"up to {duration(est['stage_s'])}")  # fmt: skip
+            upto = f", up to {duration(est['stage_s'])}" if len(r["stages"]) > 1 else ""
+            costs.append(f"{name}{s['step_s']:.2f} s a step{cpu}, {duration(est['epoch_s'])} an epoch{upto}")
         val = r["stages"][0]
         what = (f"{'; '.join(parts)} ({r['batch_size']} x {r['seq_len']} tokens; {_windows(r)}); "
                 f"{val['val_batches']} validation batches an epoch")  # fmt: skip
