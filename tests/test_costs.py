@@ -26,5 +26,5 @@ def test_extrapolation_uses_the_runs_counts():
            "train_windows_available": 2288, "val_windows": 1000}  # fmt: skip
     what, cost = costs.cells(costs.ROWS[2], row)
     assert "286 steps an epoch, up to 10 epochs" in what and ": all that exist of the 9,000 asked" in what
-    assert "up to 1.3 h" in cost and "extrapolated from 5 measured steps" in cost
+    assert "up to 79.8 min" in cost and "extrapolated from 5 measured steps" in cost
     assert costs.cells(costs.ROWS[-1], {"measured": False})[1].startswith("not measured yet")
