@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 .PHONY: help install test test-all lint format smoke quickstart bench reproduce clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -e 's/:.*## /\t/' -e 's/$$(TORCH)/$(TORCH)/'
 
 install:  ## create .venv and install torch ($(TORCH)) then the package with dev extras
 	$(PYTHON) -m venv $(VENV)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from kvcompress.run import (
     evaluate_weights,
     one_line,
     quoted_override,
+    refuse_ignored_overrides,
     run_folder_overrides,
     run_guarded,
 )
@@ -100,4 +102,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_ignored_overrides(sys.argv[1:])
     main()

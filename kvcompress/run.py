@@ -16,7 +16,9 @@ Heavy imports (Lightning) wait until a run starts, so `--help` and a missing dat
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,16 @@ Job = Callable[["PreparedRun"], dict[str, Any]]
 HF_WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
 register_resolvers()
+
+
+def quiet_library_warnings() -> None:
+    """Warnings of the libraries that say nothing true about a kvcompress run: Lightning 2.6 still uses torch's
+    deprecated `LeafSpec` (nothing to act on), and it calls our mid-epoch resume unreliable because our loader
+    resumes itself (`data.datamodule`; tested exact by tests/test_resume.py)."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def build_hook(spec: Any, **context: Any) -> Any:
@@ -86,8 +98,13 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import WandbLogger
 
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # Lightning passes anonymous=None, which wandb warns has no effect
+            logger._wandb_init.pop("anonymous", None)
+    return loggers
 
 
 def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[L.Callback]:
@@ -124,10 +141,7 @@ def check_settings(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if "lr" in cfg.optimizer:
-        raise ValueError(
-            f"optimizer.lr={cfg.optimizer.lr} would be ignored: each stage sets its own lr. "
-            "Set phase.stages.<stage>.lr instead."
-        )
+        raise ValueError(optimizer_lr_refused(cfg.optimizer.lr))
     if cfg.phase.get("epochs_cap") is not None:
         require_int(cfg.phase.epochs_cap, "phase.epochs_cap", minimum=1)
     check_trainer_settings(cfg.trainer)
@@ -155,6 +169,18 @@ def check_trainer_settings(trainer: DictConfig) -> None:
                 f"trainer.{name}={value!r}: give an integer >= 1 (batches) or a float share in (0, 1] ("
                 + ("every stage validates to choose its best weights)" if "val" in name else "a stage must train)")
             )
+
+
+def optimizer_lr_refused(value: Any) -> str:
+    return f"optimizer.lr={value} would be ignored: each stage sets its own lr. Set phase.stages.<stage>.lr instead."
+
+
+def refuse_ignored_overrides(argv: list[str]) -> None:
+    """Settings refused before Hydra composes (which would answer `Key 'lr' is not in struct`): one line, exit 1."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "optimizer.lr":
+            raise SystemExit(f"error: ValueError: {optimizer_lr_refused(value)}")
 
 
 def check_tokenizer(cfg: DictConfig) -> None:
@@ -303,6 +329,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
     written."""
     check_targets(cfg)  # only the library's own targets are ever instantiated (a config is data, never code)
     check_settings(cfg)
+    quiet_library_warnings()
     check_tokenizer(cfg)  # before anything imports Lightning (seconds): a missing data folder answers at once
     stages = build_stages(cfg.phase)  # each stage checks its own settings
     import lightning as L
@@ -356,6 +383,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
         checkpoint_every_n_steps=cfg.checkpoint.get("every_n_steps"),
         checkpoint_every_minutes=cfg.checkpoint.get("every_minutes"),
         inputs=run.inputs,
+        keep_checkpoints=bool(cfg.checkpoint.get("keep_finished", False)),
     )
     status = "failed"
     try:
@@ -377,6 +405,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
                     "frozen_params": r.frozen_params,
                     "weights": r.weights,
                     **r.metrics,
+                    **({"timing": r.timing} if r.timing else {}),
                 }
                 for r in results
             ],
@@ -442,6 +471,7 @@ def end_of_run(
     (written before metrics.json: a run with a metrics.json has its records)."""
     from kvcompress.evaluation.evaluate import evaluate
     from kvcompress.evaluation.metrics import DEFAULT_BUCKETS
+    from kvcompress.evaluation.summary import results_table
     from kvcompress.evaluation.windows import buckets_of
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
@@ -460,7 +490,7 @@ def end_of_run(
         logger.save()  # the CSV is written even when every stage was reused, with the post-fit metrics
     path = Path(cfg.paths.output_dir) / "metrics.json"
     atomic_write_json(path, metrics)
-    log.info("metrics written to %s", path)
+    log.info("results (all of them in %s):\n%s", path, results_table(metrics))
     return metrics
 
 
@@ -592,6 +622,14 @@ def failed_in_one_line(err: BaseException, output_dir: Path, multirun: bool) -> 
     raise SystemExit(1) from None
 
 
+def rerun_command(argv: list[str] | None = None) -> str:
+    """This process's command line as the user would type it again (`python -m kvcompress.train ...`)."""
+    argv = list(sys.argv if argv is None else argv)
+    entry = Path(argv[0]) if argv else Path("train.py")
+    head = ["python", "-m", f"kvcompress.{entry.stem}"] if entry.parent.name == "kvcompress" else ["python", argv[0]]
+    return shlex.join([*head, *argv[1:]])
+
+
 def run_guarded(cfg: DictConfig, job: Job) -> float | None:
     """`job` (`train_stages` or `evaluate_weights`) after `prepare`, under a guard (lightning-hydra-template's
     `task_wrapper`): every failure goes to train.log and W&B is always closed. Bad input (missing data, wrong
@@ -609,10 +647,17 @@ def run_guarded(cfg: DictConfig, job: Job) -> float | None:
             run = prepare(cfg)
         except (*INPUT_ERRORS, DiskFullError) as err:
             return failed_in_one_line(err, output_dir, multirun)
+        from kvcompress.training.checkpoints import StageInterrupted  # (Lightning is loaded by now)
+
         try:
             score = objective(cfg, job(run))
         except DiskFullError as err:  # a full disk: one line naming the file; what was written before stays
             return failed_in_one_line(err, output_dir, multirun)
+        except StageInterrupted as stop:  # a signal: the stage saved its state; the same command resumes
+            line = f"interrupted by {stop}; resume with: {rerun_command()}"
+            log.warning("%s", line)
+            atomic_write_text(output_dir / FAILURE_FILE, line + "\n")
+            raise SystemExit(128 + stop.signum) from None
         except Exception as err:
             log.exception("run failed")
             why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (traceback in train.log)"

@@ -7,10 +7,12 @@ evaluates the result (val PPL, position-wise PPL, cache bytes per token, decode 
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from kvcompress.run import CONF_DIR, run_guarded, train_stages
+from kvcompress.run import CONF_DIR, refuse_ignored_overrides, run_guarded, train_stages
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -19,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_ignored_overrides(sys.argv[1:])
     main()

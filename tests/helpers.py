@@ -70,7 +70,7 @@ class RandomTokens(L.LightningDataModule):
         )
 
 
-def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fingerprint=None):
+def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fingerprint=None, **runner_kwargs):
     torch.manual_seed(0)
     net = net or GPTNeoX(ModelConfig.from_name("tiny"))
 
@@ -99,6 +99,7 @@ def make_runner(tmp_path, stages, net=None, reuse=True, extra_callbacks=list, fi
         fingerprint=fingerprint or {"model": "tiny"},
         reuse=reuse,
         extra_callbacks=extra_callbacks,
+        **runner_kwargs,
     )
 
 

@@ -1,4 +1,4 @@
-"""A callback that kills its own process with SIGKILL at a chosen point (for the kill-and-resume tests).
+"""Callbacks that kill their own process with SIGKILL, or signal it, at a chosen point (kill-and-resume tests).
 
 Injected into a real run with `+callbacks.killer._target_=killer.KillAt extra_targets=[killer.]` and
 `PYTHONPATH=tests`.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import signal as signal_module
 
 import lightning as L
 
@@ -38,3 +39,15 @@ class KillAt(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._here(pl_module, "checkpoint_write") and trainer.global_step == self.step:
             os.fsync = die  # the atomic write fsyncs its temp file just before renaming it into place
+
+
+class SignalAt(L.Callback):
+    """Sends `signal` (a name: SIGINT, SIGTERM, SIGUSR1) to its own process after training step `step` of
+    `stage`, as Ctrl-C, a scheduler or SLURM would."""
+
+    def __init__(self, stage: str, step: int, signal: str = "SIGINT") -> None:
+        self.stage, self.step, self.signum = stage, step, getattr(signal_module, signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if getattr(pl_module, "metric_prefix", None) == self.stage and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -26,6 +26,8 @@ FLOORS: dict[str, set[str]] = {
     "train": {"run"},
     "eval": {"run"},
     "report": {"evaluation"},
+    "stages": {"training"},
+    "costs": {"utils"},
     "__init__": {"models", "methods"},
 }
 

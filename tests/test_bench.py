@@ -45,7 +45,7 @@ def test_bench_decode_grid_and_training(tmp_path: Path) -> None:
         assert e["decode_peak_mem_bytes"] > 0, system  # measured: at least the cache's pages
         assert entry["bytes_read_per_step"] == entry["weights_read_bytes"] + entry["cache_bytes"]
         assert e["achieved_bytes_per_s"] == pytest.approx(entry["bytes_read_per_step"] / e["tpot_s"])
-    # fp32 [K, V] of 2 layers x 64 dims; V-DProj holds less (int4's 128-token window dominates at 15 slots).
+    # fp32 [K, V] of 2 layers x 64 dims; V-DProj holds less (int4's 32-token window dominates at 15 slots).
     assert cell["kv"]["bytes_per_token"] == 2 * 2 * 64 * 4
     assert cell["vdproj"]["bytes_per_token"] < cell["kv"]["bytes_per_token"]
     assert positive(data["decode"]["1x8"]["hf"]["eager"]["tpot_s"])

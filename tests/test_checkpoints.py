@@ -253,9 +253,23 @@ def test_an_interrupted_stage_resumes_after_its_folder_moved(tmp_path):
 
 def test_one_best_file_per_stage(tmp_path):
     interrupted_folder(tmp_path)
-    (result,) = make_runner(tmp_path, ONE_STAGE).run()
+    (result,) = make_runner(tmp_path, ONE_STAGE, keep_checkpoints=True).run()
     names = sorted(p.name for p in (Path(result.weights).parent / "checkpoints").iterdir())
     assert names == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_finished_stage_keeps_one_copy_of_its_weights(tmp_path):
+    """The checkpoints go once done.json is written; a folder left with both (a run stopped in between) is
+    cleaned on reuse; the lock keeps its last owner's pid."""
+    interrupted_folder(tmp_path)
+    (result,) = make_runner(tmp_path, ONE_STAGE).run()
+    folder = Path(result.weights).parent
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "done.json", "weights.safetensors"]
+    assert (folder / ".lock").read_text().strip() == str(os.getpid())
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"left behind")
+    (again,) = make_runner(tmp_path, ONE_STAGE).run()
+    assert again.reused and not (folder / "checkpoints").exists()
 
 
 # --- the token cache ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def best_ckpt(result):
 
 
 def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(tmp_path):
-    runner = make_runner(tmp_path, TWO_STAGES)
+    runner = make_runner(tmp_path, TWO_STAGES, keep_checkpoints=True)
     before = {k: v.clone() for k, v in runner.net.state_dict().items()}
     results = runner.run()
     after = runner.net.state_dict()
@@ -78,7 +78,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     (folder,) = [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]  # (beside it: its lock file)
     last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1 and not (folder / "done.json").exists()
-    (result,) = make_runner(tmp_path, stages).run()
+    (result,) = make_runner(tmp_path, stages, keep_checkpoints=True).run()
     assert result.resumed and not result.reused
     assert result.metrics["epochs"] == 3
     final = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)

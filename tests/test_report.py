@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_eval_cli import SMOKE, _run
 
-from kvcompress.evaluation import report
+from kvcompress.evaluation import plots, report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +64,7 @@ def test_a_failed_job_is_skipped_and_named(sweep: Path, tmp_path: Path) -> None:
 
 def test_pareto_front_keeps_points_not_beaten_on_bytes_and_ppl() -> None:
     points = [(100.0, 50.0), (50.0, 60.0), (80.0, 70.0), (200.0, 40.0), (60.0, 55.0)]
-    assert report.pareto_front(points) == [(50.0, 60.0), (60.0, 55.0), (100.0, 50.0), (200.0, 40.0)]
+    assert plots.pareto_front(points) == [(50.0, 60.0), (60.0, 55.0), (100.0, 50.0), (200.0, 40.0)]
 
 
 def test_flatten_names_stages_and_caches() -> None:
@@ -169,7 +169,7 @@ def test_a_failed_report_leaves_the_previous_set_whole(tmp_path: Path, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report, "plot_tpot", boom)  # after the new table and two plots are written
+    monkeypatch.setattr(plots, "plot_tpot", boom)  # after the new table and two plots are written
     with pytest.raises(RuntimeError, match="plot failed"):
         report.write_report(report.load_runs([tmp_path / "runs"]), out)
     assert report_set(out) == before and sorted(p.name for p in out.iterdir()) == sorted(REPORT_SET)
@@ -181,13 +181,13 @@ def test_a_failed_report_leaves_the_previous_set_whole(tmp_path: Path, monkeypat
 KILLED_WRITER = """
 import os, signal, sys, time
 from pathlib import Path
-from kvcompress.evaluation import report
+from kvcompress.evaluation import plots, report
 
 def stall(*args, **kwargs):  # the new table is written; die before the plots
     Path(sys.argv[2]).write_text("writing")
     time.sleep(60)
 
-report.plot_ppl_vs_bytes = stall
+plots.plot_ppl_vs_bytes = stall
 report.write_report(report.load_runs([sys.argv[1]]), Path(sys.argv[1]) / "report")
 """
 
@@ -219,3 +219,16 @@ def test_a_report_killed_mid_write_leaves_the_previous_set_whole(tmp_path: Path)
     written = report.write_report(report.load_runs([runs]), out)  # the next report cleans it up
     assert "model=y" in written["markdown"].read_text() and report_set(out) != before
     assert not any(p.name.endswith(report.STAGING_SUFFIX) for p in runs.iterdir())
+
+
+def test_report_wandb_run_joins_the_sweeps_group_with_its_config_and_tags(sweep: Path, tmp_path: Path) -> None:
+    from helpers import wandb_offline_run
+
+    out = tmp_path / "report"
+    assert report.main([str(sweep), "--out", str(out), "--wandb"]) == 0
+    run = wandb_offline_run(out)
+    assert run["group"] == f"train/{sweep.name}"  # the runs' own W&B group (a multirun: task/sweep folder)
+    assert run["name"] == f"report:train/{sweep.name} (2 configurations, 4 runs)"
+    assert {"report", "pythia-70m", "standard", "local"} <= set(run["tags"])
+    assert run["config"]["configurations"] == {"batch_size=4": 2, "batch_size=8": 2}
+    assert len(run["config"]["runs"]) == 4 and "debug=smoke" in run["config"]["common_settings"]

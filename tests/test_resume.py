@@ -1,15 +1,17 @@
-"""Kill -9 a real training run at several points, rerun the same command: metrics.json equals the
-uninterrupted run's (every metric but timings and paths)."""
+"""Kill -9 a real training run at several points, or stop it with Ctrl-C / SIGTERM / SIGUSR1, rerun the same
+command: metrics.json equals the uninterrupted run's (every metric but timings and paths)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 # Two stages, two epochs each, 4 steps an epoch, a mid-epoch checkpoint every 2 steps.
@@ -34,6 +36,7 @@ VOLATILE = {
     "save_dir",
     "overrides",
     "command",
+    "timing",
 }
 
 
@@ -73,8 +76,8 @@ def kill_and_resume(tmp_path: Path, corpus: Path, *kill: str) -> dict:
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = run(tmp_path, corpus)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for folder in [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]:  # one best file a stage, no temp files
-        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    for folder in [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]:  # one copy of the weights, no temp files
+        assert sorted(p.name for p in folder.iterdir()) == ["done.json", "weights.safetensors"]
         assert not list(folder.rglob("*.tmp"))
     return json.loads((tmp_path / "run" / "metrics.json").read_text())
 
@@ -99,3 +102,45 @@ def test_killed_mid_stage_resumes_to_the_same_metrics(tmp_path, corpus, uninterr
 )
 def test_killed_anywhere_resumes_to_the_same_metrics(tmp_path, corpus, uninterrupted, kill):
     assert comparable(kill_and_resume(tmp_path, corpus, *kill)) == comparable(uninterrupted)
+
+
+def signal_and_resume(tmp_path: Path, corpus: Path, name: str, stage_name: str, step: int) -> tuple[dict, int]:
+    """The run gets `name` after `step` of `stage_name`; it exits 128 + the signal, says what it saved and how to
+    resume. (Periodic checkpoints come every 2 steps: a saved odd step is the signal's own.)"""
+    signalled = run(
+        tmp_path, corpus, "+callbacks.signal._target_=killer.SignalAt", f"+callbacks.signal.stage={stage_name}",
+        f"+callbacks.signal.step={step}", f"+callbacks.signal.signal={name}",
+    )  # fmt: skip
+    output = signalled.stdout + signalled.stderr
+    assert signalled.returncode == 128 + getattr(signal, name), output[-3000:]
+    lines = [line for line in output.splitlines() if "resume with: python -m kvcompress.train " in line]
+    assert len(lines) == 1 and f"interrupted by {name}: stage {stage_name!r}" in lines[0], output[-3000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    (last,) = (tmp_path / "stages").glob(f"{stage_name}-*/checkpoints/last.ckpt")
+    saved_step = torch.load(last, weights_only=True)["global_step"]
+    resumed = run(tmp_path, corpus)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text()), saved_step
+
+
+def test_ctrl_c_mid_stage_saves_and_resumes_to_the_same_metrics(tmp_path, corpus, uninterrupted):
+    """Ctrl-C after step 2 of 4: the step in hand finishes, last.ckpt of step 3 is written, the rerun resumes."""
+    resumed, saved_step = signal_and_resume(tmp_path, corpus, "SIGINT", "recon", 2)
+    assert saved_step == 3
+    assert stage(resumed, "recon")["resumed"]
+    assert comparable(resumed) == comparable(uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "stage_name", "step", "saved_step"),
+    [("SIGTERM", "recon", 4, 4), ("SIGUSR1", "lm", 6, 7)],
+    ids=["sigterm_at_an_epochs_last_step", "sigusr1_mid_stage_2"],
+)
+def test_signals_save_and_resume_to_the_same_metrics(
+    tmp_path, corpus, uninterrupted, name, stage_name, step, saved_step
+):
+    """SIGTERM on an epoch's last step waits for its validation's last.ckpt; SLURM's SIGUSR1 mid stage 2."""
+    resumed, saved = signal_and_resume(tmp_path, corpus, name, stage_name, step)
+    assert saved == saved_step
+    assert comparable(resumed) == comparable(uninterrupted)

@@ -116,6 +116,8 @@ def test_smoke_run_writes_metrics_csv_and_wandb(tmp_path, text_file):
     assert wandb_run["name"].startswith("train:debug=smoke,data=local")
     assert wandb_run["group"] == "train"
     assert {"mytag", "pythia-70m", "standard", "single", "native", "local"} <= set(wandb_run["tags"])
+    # The top level is the run record only: no data module defaults beside it (they could contradict the run).
+    assert not {"source", "seq_len", "tokenizer", "num_samples", "batch_size"} & set(wandb_run["config"])
 
 
 def test_steps_run_on_across_stages_and_csv_is_written_when_all_stages_are_reused(tmp_path, text_file):

@@ -207,7 +207,7 @@ class TokenWindowDataModule(LightningDataModule):
             raise ValueError("data.num_val_windows must be null (from num_samples and val_fraction) or >= 1, got 0")
         if SOURCES[source].hub_id is None and path is None:
             raise ValueError(f"source {source!r} needs path=<a local text or jsonl file>")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run record is the logged config; these are only defaults
         self.source = source
         self.seq_len = int(seq_len)
         self.num_samples = None if num_samples is None else int(num_samples)

@@ -5,6 +5,7 @@ of the context check (`kvcompress.evaluation.windows`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,9 @@ from kvcompress.config import CacheConfig, ContextCheckConfig, EvalConfig
 from kvcompress.evaluation import long_context, metrics
 from kvcompress.evaluation.windows import add_window_losses
 from kvcompress.models import GPTNeoX
+
+log = logging.getLogger(__name__)
+PLAIN_KINDS = ("kv", "native")  # the caches the others are measured against
 
 
 def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
@@ -159,6 +163,7 @@ def evaluate(
         key: evaluate_cache(net, cache, cfg, batches, windows, ids, buckets, key)
         for key, cache in cfg.all_caches().items()
     }
+    warn_about_caches(net, cfg, per_cache, int(getattr(datamodule, "seq_len", 128)))
     main_result = next(iter(per_cache.values()))
     out: dict[str, Any] = {"cache": main_result, "caches": per_cache}
     for key in ("decode_tokens_per_s", "ttft_s", "tpot_s"):
@@ -196,3 +201,21 @@ def evaluate_long_context(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: 
         tokenizer = datamodule.tokenizer  # type: ignore[attr-defined]
         out["passkey"] = long_context.passkey_probe(net, tokenizer, caches, pk.lengths, pk.depths, pk.trials, pk.digits)
     return out
+
+
+def warn_about_caches(net: GPTNeoX, cfg: EvalConfig, results: dict[str, dict[str, Any]], seq_len: int) -> None:
+    """A cache that at its settings equals another (e.g. int4 whose window holds the whole context) or holds more
+    than KV gets a `note` in its results (the report marks it) and one warning line for all of them."""
+    for key, cache in cfg.all_caches().items():
+        result, notes = results[key], []
+        same = net.build_caches(1, seq_len, kind=cache.name, device="meta", **cache.kwargs)[0].equals()
+        if same and same != cache.name:
+            notes.append(f"equals {same} at {seq_len}-token windows")
+        if cache.name not in PLAIN_KINDS and result["bytes_per_token"] > result["kv_bytes_per_token"]:
+            ours, kv = result["bytes_per_token"], result["kv_bytes_per_token"]
+            notes.append(f"holds more than KV ({ours:.0f} vs {kv:.0f} B/token)")
+        if notes:
+            result["note"] = "; ".join(notes)
+    noted = [f"{key} {results[key]['note']}" for key in results if "note" in results[key]]
+    if noted:
+        log.warning("eval caches: %s (check their settings)", "; ".join(noted))

@@ -9,11 +9,11 @@ tokenizer hash, window settings) and the result-changing config (`kvcompress.rec
 labelled by its Hydra overrides without `seed=` and folders (plus what tells apart groups with one label). Each
 metric is reported as mean ± std over seeds, with n; a seed whose value is NaN/inf (a diverged run) is counted and
 flagged ("n=3 (1 diverged)", "diverged" when none is finite), never dropped silently. Runs that trained on a test
-split say so above the table and in the CSV (`train_on_test`). Writes `report.md`, `report.csv` and PNGs:
-position-wise PPL, PPL vs cache bytes per token (with the Pareto front), decode TPOT per cache, training curves
-(from each run's CSV log), as one set: into a temporary sibling folder swapped into place by renames, so an
-interrupted report never leaves a new table beside old plots.
-Also `pareto.md` with its plots: every cache of every run against its measured bytes, with paired 95% CIs
+split say so above the table and in the CSV (`train_on_test`). Writes `report.md`, `report.csv` and PNGs
+(`kvcompress.evaluation.plots`: position-wise PPL, PPL vs cache bytes per token with the Pareto front, decode TPOT
+per cache, training loss and validation curves from each run's CSV log) as one set: into a temporary sibling folder
+swapped into place by renames, so an interrupted report never leaves a new table beside old plots. Also `pareto.md`
+with its plots: every cache of every run against its measured bytes, with paired 95% CIs
 (kvcompress.evaluation.pareto).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from kvcompress.evaluation.pareto import write_pareto
 from kvcompress.records import FAILURE_FILE, data_identity, result_config
-from kvcompress.utils import atomic_write, atomic_write_text, stable_hash
+from kvcompress.utils import atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
 IGNORED_OVERRIDES = ("seed=", "hydra.", "paths.", "task_name=", "print_config=")
@@ -277,122 +277,6 @@ def _number(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.6g}"
 
 
-# ----------------------------------------------------------------------------- plots
-
-
-def _short(label: str, width: int = 60) -> str:
-    return label if len(label) <= width else label[: width - 1] + "…"
-
-
-def plot_position_ppl(rows: Sequence[Aggregate], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    pos = buckets(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        keys = [f"val_pos_ppl.{b}" for b in pos]
-        if all(k in row.values for k in keys):
-            stds = [0.0 if math.isnan(row.std(k)) else row.std(k) for k in keys]
-            ax.errorbar(pos, [row.mean(k) for k in keys], yerr=stds, marker="o", capsize=3, label=_short(row.label))
-    ax.set(xlabel="position bucket (tokens)", ylabel="val PPL", title="Position-wise PPL (mean ± std over seeds)")
-    ax.legend(fontsize=6)
-    return _save(fig, path)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points not beaten on both bytes and PPL, by increasing bytes."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(points):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
-def plot_ppl_vs_bytes(rows: Sequence[Aggregate], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = []
-    for row in rows:
-        kinds = cache_kinds([row])
-        candidates = [(f"caches.{k}.bytes_per_token", f"caches.{k}.autoregressive_ppl", k) for k in kinds]
-        candidates.append(("cache.bytes_per_token", "val_ppl", ""))
-        for bytes_key, ppl_key, kind in candidates:
-            if bytes_key in row.values and ppl_key in row.values:
-                point = (row.mean(bytes_key), row.mean(ppl_key))
-                points.append(point)
-                ax.scatter(*point, label=_short(f"{row.label} {kind}".strip()))
-    front = pareto_front(points)
-    if front:
-        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="cache bytes per token (measured)", ylabel="PPL", title="PPL vs cache size")
-    ax.legend(fontsize=6)
-    return _save(fig, path)
-
-
-def plot_tpot(rows: Sequence[Aggregate], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    bars = []  # (label, mean ms, std ms)
-    for row in rows:
-        for kind in cache_kinds([row]):
-            key = f"caches.{kind}.tpot_s"
-            if key in row.values:
-                std = row.std(key)
-                bars.append(
-                    (_short(f"{row.label} [{kind}]", 40), row.mean(key) * 1e3, 0.0 if math.isnan(std) else std * 1e3)
-                )
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * max(len(bars), 1)))
-    if bars:
-        labels, means, stds = zip(*bars, strict=True)
-        ax.barh(range(len(bars)), means, xerr=stds, capsize=3)
-        ax.set_yticks(range(len(bars)), labels, fontsize=6)
-    ax.set(xlabel="decode TPOT (ms, median step)", title="Decode time per output token")
-    return _save(fig, path)
-
-
-def training_curve(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """`<stage>/val_ppl` by step from the run's Lightning CSV log."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for log in sorted(folder.rglob("metrics.csv")):
-        with open(log) as f:
-            for row in csv.DictReader(f):
-                for key, value in row.items():
-                    if key and key.endswith("/val_ppl") and value and row.get("step"):
-                        curves.setdefault(key, []).append((int(float(row["step"])), float(value)))
-    return curves
-
-
-def plot_training_curves(runs: Sequence[RunResult], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_label: dict[str, dict[tuple[str, int], list[float]]] = {}
-    for run in runs:
-        for stage, points in training_curve(run.path).items():
-            for step, value in points:
-                by_label.setdefault(run.label, {}).setdefault((stage, step), []).append(value)
-    for label, series in by_label.items():
-        for stage in dict.fromkeys(s for s, _ in series):
-            steps = sorted(step for s, step in series if s == stage)
-            ax.plot(
-                steps, [statistics.fmean(series[stage, t]) for t in steps], marker=".", label=_short(f"{label} {stage}")
-            )
-    ax.set(xlabel="step", ylabel="val PPL", yscale="log", title="Training curves (mean over seeds)")
-    if by_label:
-        ax.legend(fontsize=6)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -421,6 +305,8 @@ def write_report(
     `swap_into_place`). Returns the files' final paths."""
     import matplotlib
 
+    from kvcompress.evaluation import plots
+
     matplotlib.use("Agg")
     out = Path(out_dir)
     if out.exists() and not is_report_folder(out):
@@ -429,17 +315,18 @@ def write_report(
     labels = {row.group: row.label for row in rows}
     for run in runs:  # the plots name runs as the table does
         run.label = labels.get(run.group, run.label)
+    notes = plots.cache_notes(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_report_folder(out)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=STAGING_SUFFIX))
     try:
         written = {"markdown": staging / "report.md", "csv": staging / "report.csv"}
-        atomic_write_text(written["markdown"], markdown(rows, failed, skipped))
+        atomic_write_text(written["markdown"], markdown(rows, failed, skipped) + plots.cache_notes_markdown(runs))
         atomic_write_text(written["csv"], csv_text(rows))
-        written["position_ppl"] = plot_position_ppl(rows, staging / "position_ppl.png")
-        written["ppl_vs_bytes"] = plot_ppl_vs_bytes(rows, staging / "ppl_vs_bytes.png")
-        written["tpot"] = plot_tpot(rows, staging / "tpot.png")
-        written["training_curves"] = plot_training_curves(runs, staging / "training_curves.png")
+        written["position_ppl"] = plots.plot_position_ppl(rows, staging / "position_ppl.png")
+        written["ppl_vs_bytes"] = plots.plot_ppl_vs_bytes(rows, staging / "ppl_vs_bytes.png", notes)
+        written["tpot"] = plots.plot_tpot(rows, staging / "tpot.png", notes)
+        written["training_curves"] = plots.plot_training_curves(runs, staging / "training_curves.png")
         with_windows = [(run.label, {**run.metrics, "_windows": run_windows(run.path)}) for run in runs]
         written.update(write_pareto(with_windows, staging))  # pareto.md and its plots
         swap_into_place(staging, out)
@@ -448,7 +335,7 @@ def write_report(
         raise
     written = {name: out / path.relative_to(staging) for name, path in written.items()}
     if wandb:
-        log_to_wandb(written)
+        plots.log_to_wandb(written, runs)
     return written
 
 
@@ -486,18 +373,6 @@ def recover_report_folder(out: Path) -> None:
     for stale in out.parent.glob(f".{out.name}.*{STAGING_SUFFIX}"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def log_to_wandb(written: dict[str, Path]) -> None:
-    import wandb as wb
-
-    mode = os.environ.get("WANDB_MODE", "offline")
-    folder = str(written["csv"].parent)  # the offline run goes beside the report, not into the working directory
-    with wb.init(project="kvcompress", job_type="report", mode=mode, dir=folder) as run:  # type: ignore[attr-defined]
-        with open(written["csv"]) as f:
-            rows = list(csv.reader(f))
-        run.log({"report": wb.Table(columns=rows[0], data=rows[1:])})
-        run.log({k: wb.Image(str(p)) for k, p in written.items() if p.suffix == ".png"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,7 +218,9 @@ class Int4KVCache(LayerCache):
     Buffers: `k`, `v` packed codes (B, nh, L, hs/2) uint8; `k_scale`, `k_zero` (B, nh, L/G, hs);
     `v_scale`, `v_zero` (B, nh, L, hs/G) in the model's dtype; `k_win`, `v_win` (B, nh, window, hs).
     A token older than the window is read from its codes, so the window must hold a whole group
-    (`window >= group_size`): a group is final before its first token leaves the window.
+    (`window >= group_size`): a group is final before its first token leaves the window. The default window is
+    that minimum (32 tokens), so that the library's 128-token contexts are quantized (KIVI's 128 would hold
+    every token of them: no reduction, the same PPL as `kv`).
     """
 
     def __init__(
@@ -230,7 +232,7 @@ class Int4KVCache(LayerCache):
         device=None,
         dtype=None,
         group_size: int = 32,
-        window: int = 128,
+        window: int = 32,
         fused_read: bool | None = None,
     ) -> None:
         super().__init__(batch_size, max_len)
@@ -257,6 +259,9 @@ class Int4KVCache(LayerCache):
             "v_win": torch.zeros(B, nh, window, hs, **kw),
         }
         self.fused_read = use_fused(fused_read, B * nh * max_len * hs)
+
+    def equals(self) -> str | None:
+        return "kv" if self.window >= self.max_len else None  # every token stays in full precision
 
     # --- writes ------------------------------------------------------------------------------------------
     def _write_v(self, v: Tensor, step: Step) -> None:

@@ -188,6 +188,11 @@ class LayerCache:
         """Bytes per cached token (per sequence) for this layer."""
         return self.nbytes() / (self.batch_size * self.max_len)
 
+    def equals(self) -> str | None:
+        """The cache kind this one computes exactly the same as at its settings and length (e.g. a
+        full-precision window that holds every token), if any: the evaluation warns about it."""
+        return None
+
     def write(self, name: str, x: Tensor, step: Step) -> None:
         """Write the new tokens' entries x (..., T, d) at the step's slots."""
         buf = self.buffers[name]

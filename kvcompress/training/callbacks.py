@@ -1,7 +1,10 @@
-"""Callbacks: position-wise perplexity."""
+"""Callbacks: position-wise perplexity, autoregressive perplexity, the run's time estimate."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +16,8 @@ from lightning.pytorch.loggers import WandbLogger
 from kvcompress.config import require_int
 from kvcompress.evaluation import metrics
 from kvcompress.evaluation.windows import window_losses
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
 
@@ -147,3 +152,100 @@ class AutoregressivePPL(L.Callback):
         count = pl_module.all_gather(torch.tensor(float(local.numel()), device=local.device)).sum()
         prefix = getattr(pl_module, "metric_prefix", "lm")
         pl_module.log(f"{prefix}/val_ar_ppl", float(torch.exp(total / count)))
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `6.1 min`, `3.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class RunEstimate(L.Callback):
+    """What a stage will cost, from its real counts and its first measured steps.
+
+    At the start of the stage's fit: one line with its steps an epoch, max epochs and validation batches. After
+    `warmup` steps, `measure` steps are timed; then one line with the step time and the estimated time of the
+    rest of the stage and of the run's later stages (`later`: their names and max epochs, at this stage's steps an
+    epoch and step time), an upper bound (early stopping may end a stage sooner). The progress bar shows the
+    run's remaining minutes (`run_eta_min`) from then on. Validation batches are timed too, in any validation
+    of this trainer. `timing` is the record (metrics.json `stages[i].timing`)."""
+
+    def __init__(self, stage: str, later: Sequence[tuple[str, int]] = (), warmup: int = 2, measure: int = 5) -> None:
+        self.stage, self.later = stage, [(str(n), int(e)) for n, e in later]
+        self.warmup, self.measure = warmup, measure
+        self.timing: dict[str, Any] = {}
+        self._steps = 0  # steps of this fit
+        self._t0 = self._cpu0 = 0.0
+        self._val_t0 = 0.0
+        self._val_batches = 0
+
+    @staticmethod
+    def _val_batches_per_validation(trainer: L.Trainer) -> int:
+        n = len(trainer.datamodule.val_dataloader()) if trainer.datamodule is not None else 0
+        limit = trainer.limit_val_batches
+        if isinstance(limit, int):
+            return min(n, limit)
+        return int(n * float(limit)) if limit is not None else n
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps, epochs = int(trainer.num_training_batches), int(trainer.max_epochs or 1)
+        total = steps * epochs if trainer.max_steps < 0 else min(steps * epochs, trainer.max_steps)
+        val = self._val_batches_per_validation(trainer)
+        self.timing.update(steps_per_epoch=steps, max_epochs=epochs, val_batches=val, max_steps=total)
+        self._steps, self._start_step = 0, trainer.global_step
+        done = f", {self._start_step} done" if self._start_step else ""
+        later = "; then " + ", ".join(f"{n} (up to {e} epochs)" for n, e in self.later) if self.later else ""
+        log.info(
+            "stage %s: %d steps an epoch, up to %d epochs (%d steps%s), %d validation batches an epoch%s",
+            self.stage, steps, epochs, total, done, val, later,
+        )  # fmt: skip
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._steps += 1
+        if self._steps == self.warmup:
+            self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        elif self._steps == self.warmup + self.measure:
+            step_s = (time.perf_counter() - self._t0) / self.measure
+            step_cpu_s = (time.process_time() - self._cpu0) / self.measure  # all threads: less sensitive to load
+            self.timing.update(step_s=step_s, step_cpu_s=step_cpu_s, measured_steps=self.measure)
+            self._report()
+        if "step_s" in self.timing and trainer.progress_bar_callback is not None:
+            pl_module.log("run_eta_min", self.remaining(trainer.global_step) / 60, prog_bar=True, logger=False)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_t0, self._val_batches = time.perf_counter(), 0
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._val_batches += 1
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_batches and "val_batch_s" not in self.timing:
+            self.timing["val_batch_s"] = (time.perf_counter() - self._val_t0) / self._val_batches
+
+    def _validation_s(self) -> float:
+        return self.timing.get("val_batches", 0) * self.timing.get("val_batch_s", math.nan)
+
+    def remaining(self, step: int) -> float:
+        """Seconds left in this stage after `step` plus the later stages (validations counted once timed)."""
+        t = self.timing
+        steps_left = max(t["max_steps"] - step, 0)
+        epochs_left = math.ceil(steps_left / max(t["steps_per_epoch"], 1))
+        val = self._validation_s() if "val_batch_s" in t else 0.0
+        later = sum(e * (t["steps_per_epoch"] * t["step_s"] + val) for _, e in self.later)
+        return steps_left * t["step_s"] + epochs_left * val + later
+
+    def _report(self) -> None:
+        t = self.timing
+        val = self._validation_s()
+        stage_s = t["max_steps"] * t["step_s"] + t["max_epochs"] * (0.0 if math.isnan(val) else val)
+        later = sum(e * (t["steps_per_epoch"] * t["step_s"] + (0.0 if math.isnan(val) else val)) for _, e in self.later)
+        timed = f", {t['val_batch_s']:.2f} s a validation batch" if "val_batch_s" in t else ""
+        untimed = " (validations not timed yet)" if "val_batch_s" not in t else ""
+        rest = f"; the later stages up to {duration(later)} at this step time" if self.later else ""
+        log.info(
+            "stage %s: %.2f s a step%s (%d steps measured): the stage takes up to %s%s%s",
+            self.stage, t["step_s"], timed, self.measure, duration(stage_s), untimed, rest,
+        )  # fmt: skip

@@ -5,10 +5,14 @@ process training the same stage.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -108,13 +112,19 @@ class StageLockedError(RuntimeError):
     """Another live process holds the stage folder's lock."""
 
 
+def lock_path(folder: Path) -> Path:
+    """A stage folder's lock file: `.<folder name>.lock` beside it."""
+    return folder.parent / f".{folder.name}.lock"
+
+
 class StageLock:
-    """An exclusive `fcntl` lock on `.<folder name>.lock` beside the stage folder, holding the owner's pid (beside,
-    so that a retrained stage folder can replace the finished one by a rename under it). The kernel drops it when
-    the owner dies (kill -9 included), so a stale lock never blocks a rerun."""
+    """An exclusive `fcntl` lock on `.<folder name>.lock` beside the stage folder, holding the owner's pid (the last
+    owner's once released: its mtime is the stage's last use); beside, so that a retrained stage folder can replace
+    the finished one by a rename under it. The kernel drops it when the owner dies (kill -9 included), so a stale
+    lock never blocks a rerun."""
 
     def __init__(self, folder: Path, stage: str) -> None:
-        self.path = folder.parent / f".{folder.name}.lock"
+        self.path = lock_path(folder)
         self.stage = stage
         self._fd: int | None = None
 
@@ -139,7 +149,6 @@ class StageLock:
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -152,3 +161,79 @@ class ResumableEarlyStopping(EarlyStopping):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.wait_count >= self.patience:
             trainer.should_stop = True
+
+
+# SIGINT (Ctrl-C), SIGTERM (schedulers, `kill`), SIGUSR1 (SLURM's signal before preemption or the time limit,
+# `#SBATCH --signal=USR1@120`; Lightning's SLURMEnvironment requeue signal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class StageInterrupted(BaseException):
+    """A stage stopped on a signal after saving its state (not an Exception: nothing may swallow it as a
+    failure). `saved` is the file a rerun resumes from (None when the stage had not started)."""
+
+    def __init__(self, signum: int, stage: str, saved: Path | None, step: int) -> None:
+        self.signum, self.stage, self.saved, self.step = signum, stage, saved, step
+        name = signal.Signals(signum).name
+        what = f"saved {saved}" if saved is not None else "nothing to save yet"
+        super().__init__(f"{name}: stage {stage!r} stopped at step {step}, {what}")
+
+
+class SaveOnSignal(L.Callback):
+    """On SIGINT, SIGTERM or SIGUSR1 during a fit, the training step in hand finishes, `last.ckpt` is written
+    through the stage's checkpoint IO (atomically) and the fit stops with `StageInterrupted`; the rerun resumes
+    from it exactly. A signal during an epoch's last step or its validation waits for the end-of-validation
+    `last.ckpt` and stops before the next epoch. A second Ctrl-C stops at once, without saving.
+
+    Use `with callback.installed(): trainer.fit(...)`: the handlers go in at `on_train_start` (after
+    Lightning's, which would stop a validation half done) and the previous ones come back after the fit."""
+
+    def __init__(self, last: Path, stage: str) -> None:
+        self.last, self.stage = Path(last), stage
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SaveOnSignal]:
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main else {}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._received)
+
+    def _received(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
+            log.warning(
+                "%s: stage %s stops after this training step and saves last.ckpt (Ctrl-C again: stop without saving)",
+                signal.Signals(signum).name,
+                self.stage,
+            )
+
+    def _asked(self, trainer: L.Trainer) -> bool:
+        asked = self.signum is not None
+        if trainer.world_size > 1:  # every rank stops at the same step (one may have got the signal)
+            asked = bool(trainer.strategy.reduce_boolean_decision(asked, all=False))
+            if asked and self.signum is None:
+                self.signum = signal.SIGTERM  # another rank's signal
+        return asked
+
+    def _stop(self, trainer: L.Trainer, saved: Path | None) -> None:
+        raise StageInterrupted(self.signum or signal.SIGTERM, self.stage, saved, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._asked(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the last step of an epoch: its validation writes last.ckpt, the next epoch start stops
+        trainer.save_checkpoint(self.last)
+        self._stop(trainer, self.last)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._asked(trainer):
+            self._stop(trainer, self.last if self.last.is_file() else None)

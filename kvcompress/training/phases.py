@@ -29,11 +29,13 @@ from kvcompress.config import require_int
 from kvcompress.evaluation.windows import write_windows
 from kvcompress.models import GPTNeoX
 from kvcompress.models.weights import load_weights, save_weights
-from kvcompress.training.callbacks import PositionwisePPL
+from kvcompress.training.callbacks import PositionwisePPL, RunEstimate
 from kvcompress.training.checkpoints import (
     LAST,
     AtomicCheckpointIO,
     ResumableEarlyStopping,
+    SaveOnSignal,
+    StageInterrupted,
     StageLock,
     damaged_checkpoints,
     stage_checkpoints,
@@ -43,7 +45,7 @@ from kvcompress.utils import atomic_write_json, file_sha256, remove_stale_temp_f
 
 log = logging.getLogger(__name__)
 
-WEIGHTS, DONE = "weights.safetensors", "done.json"
+WEIGHTS, DONE, CHECKPOINTS = "weights.safetensors", "done.json", "checkpoints"
 FINAL_WINDOWS = "windows_final.safetensors"  # per-window losses of a stage's last-epoch weights (before the best)
 START_WINDOWS = "windows_start.safetensors"  # ... and of its starting weights, when it validates first
 
@@ -148,6 +150,7 @@ class StageResult:
     frozen_params: int
     weights: str  # the stage's final (best) weights, a safetensors file in its folder
     metrics: dict[str, Any]
+    timing: dict[str, Any] = field(default_factory=dict)  # steps, epochs, measured step time (`RunEstimate`)
 
 
 class PhaseRunner:
@@ -159,11 +162,13 @@ class PhaseRunner:
     optimizer, seed); it goes into every stage key.
 
     A stage folder holds `checkpoints/{best,last}.ckpt` while it trains and, once finished, `weights.safetensors`
-    and `done.json` (relative paths and the weights' sha256). Reuse verifies the hash and recomputes the metrics
-    from the weights; anything damaged is reported by name and the stage restarts from its last good state.
-    A finished stage is never destroyed by a retrain (`reuse=False`, or a damaged one): the retrain runs in a
-    sibling folder that replaces it only once finished. `inputs` (content hashes of the data, tokenizer and
-    `init_from`) go into every key, so another file at the same path trains a new stage.
+    and `done.json` (relative paths and the weights' sha256); the checkpoints go once `done.json` is written
+    (unless `keep_checkpoints`). Reuse verifies the hash and recomputes the metrics from the weights; anything
+    damaged is reported by name and the stage restarts from its last good state. A finished stage is never
+    destroyed by a retrain (`reuse=False`, or a damaged one): the retrain runs in a sibling folder that replaces it
+    only once finished. `inputs` (content hashes of the data, tokenizer and `init_from`) go into every key, so
+    another file at the same path trains a new stage. A signal during a fit saves `last.ckpt` and stops the run
+    (`SaveOnSignal`).
     """
 
     def __init__(
@@ -182,6 +187,7 @@ class PhaseRunner:
         checkpoint_every_n_steps: int | None = None,
         checkpoint_every_minutes: float | None = None,
         inputs: Mapping[str, Any] | None = None,
+        keep_checkpoints: bool = False,
     ) -> None:
         if not stages:
             raise ValueError("a phase needs at least one stage")
@@ -208,6 +214,7 @@ class PhaseRunner:
         self.epochs_cap = epochs_cap
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.checkpoint_every_minutes = checkpoint_every_minutes
+        self.keep_checkpoints = keep_checkpoints
         self.results: list[StageResult] = []
         self.folder: Path | None = None  # the running stage's folder (hooks may keep their own files there)
         self.step = 0  # the logging step: runs on from one stage to the next
@@ -322,7 +329,7 @@ class PhaseRunner:
         frozen: int,
         config_key: str = "",
     ) -> StageResult:
-        ckpt_dir = folder / "checkpoints"
+        ckpt_dir = folder / CHECKPOINTS
         resume_from = self._resume_point(stage, ckpt_dir)
         if resume_from is None and self.is_writer:
             clear_folder(folder)
@@ -331,12 +338,15 @@ class PhaseRunner:
         best, checkpoints = stage_checkpoints(
             ckpt_dir, monitor, self.checkpoint_every_n_steps, self.checkpoint_every_minutes
         )
-        callbacks: list[L.Callback] = [*checkpoints, *self._validation_callbacks(stage)]
+        stop = SaveOnSignal(ckpt_dir / f"{LAST}.ckpt", stage.name)
+        later = self.stages[self.stages.index(stage) + 1 :]
+        estimate = RunEstimate(stage.name, [(s.name, self._max_epochs(s)) for s in later])
+        callbacks: list[L.Callback] = [*checkpoints, stop, estimate, *self._validation_callbacks(stage)]
         stopper = None
         if stage.patience is not None:
             stopper = ResumableEarlyStopping(monitor=monitor, mode="min", patience=stage.patience)
             callbacks.append(stopper)
-        max_epochs = stage.max_epochs if self.epochs_cap is None else min(stage.max_epochs, self.epochs_cap)
+        max_epochs = self._max_epochs(stage)
         trainer = self._make_trainer(stage, callbacks, max_epochs)
         module = self.make_module(self.net, stage)
         self._log({f"{stage.name}/trainable_params": trainable, f"{stage.name}/frozen_params": frozen})
@@ -352,7 +362,8 @@ class PhaseRunner:
                         meta = {"stage": stage.name, "weights": "start"}
                         write_windows(folder, self.windows, meta, filename=START_WINDOWS)
                     atomic_write_json(start_file, start)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        with stop.installed():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
         # The last epoch's weights (a report may quote them: an overfit stop-epoch table), before the best load.
         final = self._validate_final(trainer, module, datamodule, stage, folder)
@@ -369,15 +380,26 @@ class PhaseRunner:
         metrics.update(hooked)
         self._log({f"{stage.name}/{k}": v for k, v in hooked.items() if isinstance(v, int | float)})
         weights = folder / WEIGHTS
-        result = StageResult(stage.name, key, False, resume_from is not None, trainable, frozen, str(weights), metrics)
-        if not self.is_writer:
-            return result
-        save_weights(self.net.state_dict(), weights)
-        if best.best_model_path:
-            done = {**asdict(result), "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}
-            done.update(config_key=config_key, inputs=self.inputs)
-            atomic_write_json(folder / DONE, done)
+        resumed = resume_from is not None
+        result = StageResult(stage.name, key, False, resumed, trainable, frozen, str(weights), metrics, estimate.timing)
+        if self.is_writer:
+            save_weights(self.net.state_dict(), weights)
+            if best.best_model_path:
+                done = {**asdict(result), "weights": WEIGHTS, "weights_sha256": file_sha256(weights)}
+                done.update(config_key=config_key, inputs=self.inputs)
+                atomic_write_json(folder / DONE, done)
+                self._drop_checkpoints(folder)
+        if stop.signum is not None:  # the signal came at the end of the fit: the stage is finished, stop here
+            raise StageInterrupted(stop.signum, stage.name, folder / DONE, trainer.global_step)
         return result
+
+    def _max_epochs(self, stage: Stage) -> int:
+        return stage.max_epochs if self.epochs_cap is None else min(stage.max_epochs, self.epochs_cap)
+
+    def _drop_checkpoints(self, folder: Path) -> None:
+        """A finished stage keeps one copy of its weights: resuming needed the checkpoints only until done.json."""
+        if not self.keep_checkpoints and (folder / CHECKPOINTS).is_dir():
+            shutil.rmtree(folder / CHECKPOINTS)
 
     def _resume_point(self, stage: Stage, ckpt_dir: Path) -> str | None:
         """`last.ckpt` when it and every other checkpoint of the stage are sound; else None (restart the stage)."""
@@ -406,6 +428,8 @@ class PhaseRunner:
             if file_sha256(weights) != done["weights_sha256"]:
                 raise ValueError(f"{weights} does not match its recorded sha256")
             load_net_weights(self.net, weights)
+            if self.is_writer:
+                self._drop_checkpoints(folder)  # left by a run stopped between done.json and their removal
             return done
         except Exception as err:  # noqa: BLE001 - missing, corrupt, tampered: retrain
             log.warning(
