@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from kvcompress.models import GPTNeoX, ModelConfig, build_model
 from kvcompress.models.weights import BadWeightsError
 from kvcompress.training import Stage
-from kvcompress.training.checkpoints import StageLock, StageLockedError
+from kvcompress.training.checkpoints import StageLock, StageLockedError, lock_path
 
 ONE_STAGE = [Stage(name="lm", lr=1e-3, max_epochs=2, patience=None)]
 
@@ -264,8 +264,8 @@ def test_a_finished_stage_keeps_one_copy_of_its_weights(tmp_path):
     interrupted_folder(tmp_path)
     (result,) = make_runner(tmp_path, ONE_STAGE).run()
     folder = Path(result.weights).parent
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "done.json", "weights.safetensors"]
-    assert (folder / ".lock").read_text().strip() == str(os.getpid())
+    assert sorted(p.name for p in folder.iterdir()) == ["done.json", "weights.safetensors", "windows_final.safetensors"]
+    assert lock_path(folder).read_text().strip() == str(os.getpid())  # beside the folder
     (folder / "checkpoints").mkdir()
     (folder / "checkpoints" / "last.ckpt").write_bytes(b"left behind")
     (again,) = make_runner(tmp_path, ONE_STAGE).run()

@@ -210,7 +210,9 @@ def test_the_last_epoch_weights_are_recorded_beside_the_best(tmp_path):
     from kvcompress.training.phases import FINAL_WINDOWS
 
     stages = [Stage(name="lm", lr=3e-2, max_epochs=3, patience=None)]  # a high lr: the last epoch is not the best
-    (result,) = make_runner(tmp_path, stages).run()
+    runner = make_runner(tmp_path, stages)
+    runner.keep_checkpoints = True  # checkpoint.keep_finished: its last.ckpt is the reference below
+    (result,) = runner.run()
     folder = Path(result.weights).parent
     windows = load_file(str(folder / FINAL_WINDOWS))
     net = GPTNeoX(ModelConfig.from_name("tiny"))

@@ -30,10 +30,10 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from kvcompress.data.batch import Batch, split_batch
+from kvcompress.evaluation.evaluate import val_window_ids
 from kvcompress.methods import lego
 from kvcompress.methods.lego import LegoGPTNeoX
 from kvcompress.training.module import LMModule, token_cross_entropy, weighted_mean
-from kvcompress.training.phases import val_window_ids
 from kvcompress.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,8 @@ class Calibrate:
         out["hard_ppl_after"] = _ppl(deep["loss"], hard)
         out["hard_ppl_after_routed"] = _ppl(routed_loss, hard)
         if runner.is_writer:
-            ids = val_window_ids(datamodule)
             tensors = {
-                "ids": ids if ids is not None else torch.arange(len(take), dtype=torch.int64),
+                "ids": torch.from_numpy(val_window_ids(datamodule, len(take))),
                 "val_loss_shallow": shallow["loss"],  # (windows, seq_len): the phase-2 model's, per exit
                 "val_loss_deep": deep["loss"],
                 "val_shallow_confidence": shallow["confidence"],
