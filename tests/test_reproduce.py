@@ -332,3 +332,52 @@ def test_a_finished_run_is_reused_only_with_the_same_overrides(tmp_path: Path) -
     assert runs.execute(spec, tmp_path / "stages") == ("reused", 0.0)
     changed = reproduce.RunSpec("003", "ka", 0, ("experiment=report003_ka", "data.seq_len=64"), spec.folder)
     assert not runs.finished(changed)
+
+
+def test_an_interrupted_run_is_stopped_once_and_given_time_to_save(tmp_path: Path) -> None:
+    """`stop` passes one Ctrl-C to the run and waits while it saves (subprocess.call would kill it after 0.25 s)."""
+    import subprocess
+    import sys
+
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "def save(*_):\n"
+        "    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C would stop it unsaved\n"
+        f"    time.sleep(1.0); pathlib.Path({str(saved)!r}).write_text('last.ckpt'); sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, save)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    while not ready.exists():
+        assert run.poll() is None
+    assert runs.stop(run, grace_s=30) == 130
+    assert saved.read_text() == "last.ckpt"
+
+
+def test_a_run_that_ignores_its_ctrl_c_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    child = (
+        "import signal, time, pathlib\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", child], start_new_session=True)
+    while not ready.exists():
+        assert run.poll() is None
+    assert runs.stop(run, grace_s=0.5) == -9
+
+
+def test_an_interrupted_reproduce_says_how_to_resume_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from kvcompress.reproduce import cli
+
+    def interrupted(*args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_all", interrupted)
+    assert cli.main(["--tables", "003", "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the same command resumes" in err and "Traceback" not in err

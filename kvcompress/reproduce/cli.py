@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,10 @@ def seed_list(text: str) -> list[int]:
         return [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.table} {spec.name} seed={spec.seed}: {' '.join(spec.command(stage_dir)[1:])}")
         print(f"{len(specs)} runs compose ({args.scale} scale, tables {','.join(tables)}, seeds {seeds})")
         return 0
-    with output_lock(out):  # a second reproduce on this folder waits, then reuses what the first finished
-        return run_all(args, protocol, tables, seeds, out, stage_dir)
+    stops = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's stop, handled as Ctrl-C: the running stage saves
+    previous = {signum: signal.signal(signum, _interrupt) for signum in stops}
+    try:
+        with output_lock(out):  # a second reproduce on this folder waits, then reuses what the first finished
+            return run_all(args, protocol, tables, seeds, out, stage_dir)
+    except KeyboardInterrupt:  # the running stage was passed the stop and saved its checkpoint
+        print(f"interrupted: finished runs and stages are kept in {out}; the same command resumes", file=sys.stderr)
+        return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_all(

@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from kvcompress.utils import atomic_write_json
 
 RUN_FILE = "reproduce.json"  # what the run folder was trained with (its overrides), next to metrics.json
 LOCK_FILE = ".reproduce.lock"  # in the output folder, holding the owner's pid
+STOP_GRACE_S = 300.0  # how long an interrupted run may take to save its checkpoint
 log = logging.getLogger("kvcompress.reproduce")
 
 
@@ -55,6 +57,18 @@ def finished(spec: RunSpec) -> bool:
         return False
 
 
+def stop(run: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
+    """Stop a training run as Ctrl-C would (it writes `last.ckpt` and exits), killing it only past `grace_s`."""
+    if run.poll() is None:
+        run.send_signal(signal.SIGINT)
+        try:
+            run.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("run %d did not stop within %.0f s of its Ctrl-C: killed", run.pid, grace_s)
+            run.kill()
+    return run.wait()
+
+
 def execute(spec: RunSpec, stage_dir: Path) -> tuple[str, float]:
     """Train one run (a subprocess, output in its folder's console.log): ('reused'|'ok'|'failed', seconds)."""
     if finished(spec):
@@ -63,7 +77,16 @@ def execute(spec: RunSpec, stage_dir: Path) -> tuple[str, float]:
     (spec.folder / "metrics.json").unlink(missing_ok=True)  # from other overrides
     start = time.perf_counter()
     with open(spec.folder / "console.log", "a") as console:
-        rc = subprocess.call(spec.command(stage_dir), stdout=console, stderr=subprocess.STDOUT)
+        # Its own session: a Ctrl-C reaches only this process, which passes it on once (a second one would
+        # stop the run before it saves) and waits for the run's checkpoint.
+        run = subprocess.Popen(
+            spec.command(stage_dir), stdout=console, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = run.wait()
+        except BaseException:
+            stop(run)
+            raise
     seconds = time.perf_counter() - start
     if rc != 0 or not (spec.folder / "metrics.json").is_file():
         return "failed", seconds
