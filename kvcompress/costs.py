@@ -230,7 +230,7 @@ def cells(row: Row, r: dict[str, Any]) -> tuple[str, str]:
         )
     if not r.get("measured"):
         return (
-            "SCALE=mini: 5 tables x 3 seeds",
+            "SCALE=mini: the tables of conf/reproduce/mini.yaml, 2 seeds each",
             "not measured yet (`make reproduce`, then `python -m kvcompress.costs`)",
         )
     what = f"SCALE=mini: {r['runs']} runs ({', '.join(r['tables'])})"
