@@ -25,7 +25,7 @@ test:  ## fast offline CPU tests (no slow, no gpu); says how many need KVCOMPRES
 test-all:  ## every test, slow and gpu included (gpu tests skip without CUDA)
 	$(BIN)/pytest -q -m ""
 
-lint:  ## ruff lint and format check; mypy on kvcompress/models and kvcompress/methods
+lint:  ## ruff lint and format check; mypy on the whole kvcompress package
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

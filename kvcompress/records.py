@@ -407,7 +407,8 @@ def run_folder_overrides(recorded: Any, source: str, conf_dir: str | os.PathLike
         return [], []
     if not isinstance(recorded, list):
         raise RefusedOverride(f"{source}: `overrides` is a {type(recorded).__name__}, not a list of overrides")
-    kept, left = [], []
+    kept: list[str] = []
+    left: list[str] = []
     for text in recorded:
         verdict, why = classify_run_override(text, conf_dir)
         if verdict == "refuse":

@@ -19,10 +19,10 @@ import logging
 import shlex
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import lightning as L
     from lightning.pytorch.loggers import Logger
 
+    from kvcompress.data.datamodule import TokenWindowDataModule
     from kvcompress.models import GPTNeoX
     from kvcompress.training import LMModule, Stage
 
@@ -89,7 +90,7 @@ def build_stages(phase_cfg: DictConfig) -> list[Stage]:
 
     stages = []
     for name, spec in phase_cfg.stages.items():
-        spec = OmegaConf.to_container(spec, resolve=True)
+        spec = cast(dict[str, Any], OmegaConf.to_container(spec, resolve=True))  # a DictConfig gives a dict
         for field in ("before", "after", "callbacks"):
             spec[field] = [build_hook(h) for h in spec.get(field, [])]
         stages.append(Stage(name=name, **spec))
@@ -122,7 +123,7 @@ def build_callbacks(cfg: DictConfig, with_logger: bool = True) -> list[L.Callbac
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """Everything outside a stage's own config that changes what it learns."""
-    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
+    trainer = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))  # a DictConfig gives a dict
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "module": OmegaConf.to_container(cfg.module, resolve=True),
@@ -211,7 +212,7 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
         raise ValueError(
             f"data.seq_len={seq_len} is larger than the model's position limit max_position_embeddings={positions}"
         )
-    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]  # checks its own ranges
+    eval_cfg = cast(EvalConfig, OmegaConf.to_object(cfg.eval))  # the eval/schema node; checks its own ranges
     decode = eval_cfg.decode
     if decode.new_tokens > 1 and decode.prompt_len + decode.new_tokens > positions:
         raise ValueError(
@@ -231,8 +232,9 @@ def check_before_training(cfg: DictConfig, net: GPTNeoX, datamodule: L.Lightning
             "Hub name, or a kvcompress .ckpt), or use phase=mka_base_then_frozen_base to train the base first"
         )
     datamodule.setup("fit")  # raises on empty or unreachable data
-    if getattr(datamodule, "vocab_size", 0) > net.cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab {datamodule.vocab_size} exceeds model vocab_size {net.cfg.vocab_size}")
+    vocab = getattr(datamodule, "vocab_size", 0)
+    if vocab > net.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab {vocab} exceeds model vocab_size {net.cfg.vocab_size}")
 
 
 def check_callbacks(cfg: DictConfig) -> None:
@@ -317,7 +319,7 @@ def init_from_hash(init_from: Any) -> dict[str, Any] | None:
 class PreparedRun:
     cfg: DictConfig
     net: GPTNeoX
-    datamodule: L.LightningDataModule
+    datamodule: TokenWindowDataModule  # data._target_ (the evaluation reads its tokenizer and validation windows)
     stages: list[Stage]
     accelerator: str  # "cuda" or "cpu"
     inputs: dict[str, Any]  # content hashes of the data, tokenizer and init_from (`input_hashes`)
@@ -340,7 +342,7 @@ def prepare(cfg: DictConfig) -> PreparedRun:
         logging.getLogger("lightning").handlers.clear()  # Lightning's own stderr handler
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule: TokenWindowDataModule = instantiate(cfg.data)
     datamodule.setup("fit")  # data before the model: a missing data set fails before a large model is built
     net = build_net(cfg)
     check_before_training(cfg, net, datamodule)
@@ -354,14 +356,13 @@ def prepare(cfg: DictConfig) -> PreparedRun:
 def train_stages(run: PreparedRun) -> dict[str, Any]:
     """Train every stage, evaluate, log and write `metrics.json`."""
     from hydra.utils import instantiate
-    from lightning.pytorch.utilities import rank_zero_only
 
     from kvcompress.training import PhaseRunner
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
     record, loggers = start_records(run)
 
-    def make_datamodule(overrides: dict[str, Any]) -> L.LightningDataModule:
+    def make_datamodule(overrides: Mapping[str, Any]) -> L.LightningDataModule:
         """The run's data (already set up) unless the stage overrides it."""
         return instantiate(OmegaConf.merge(cfg.data, overrides)) if overrides else datamodule
 
@@ -410,7 +411,7 @@ def train_stages(run: PreparedRun) -> dict[str, Any]:
                 for r in results
             ],
         }
-        if rank_zero_only.rank != 0:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
+        if not runner.is_writer:  # DDP: the other ranks trained alongside; rank 0 evaluates and writes
             status = "success"
             return metrics
         end_of_run(run, metrics, record, loggers, run.extra_evaluations, step=runner.step, windows=runner.windows)
@@ -475,7 +476,7 @@ def end_of_run(
     from kvcompress.evaluation.windows import buckets_of
 
     cfg, net, datamodule = run.cfg, run.net, run.datamodule
-    eval_cfg: EvalConfig = OmegaConf.to_object(cfg.eval)  # type: ignore[assignment]
+    eval_cfg = cast(EvalConfig, OmegaConf.to_object(cfg.eval))  # the eval/schema node
     records = dict(windows) if windows and "ids" in windows else None
     buckets = buckets_of(records or {}) or list(DEFAULT_BUCKETS)
     evaluation = evaluate(net.to(run.accelerator), datamodule, eval_cfg, windows=records, buckets=buckets)

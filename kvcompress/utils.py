@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 TEMP_SUFFIX = ".tmp"
 
@@ -72,7 +72,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mo
     counter = _CountingWriter(f)
     try:
         try:
-            write(counter)  # type: ignore[arg-type]
+            write(cast(IO[Any], counter))  # a file for the serializer: it counts writes, forwards the rest
             if counter.failed is None:
                 f.flush()
                 os.fsync(f.fileno())

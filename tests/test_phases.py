@@ -12,7 +12,7 @@ from helpers import make_runner
 
 from kvcompress.models import GPTNeoX, ModelConfig
 from kvcompress.training import Stage, set_trainable
-from kvcompress.training.module import loss_weight, make_scheduler
+from kvcompress.training.module import LMModule, loss_weight, make_scheduler
 
 TWO_STAGES = [
     Stage(name="mlp", train=["*.mlp.*"], lr=1e-3, max_epochs=1, patience=None),
@@ -245,3 +245,9 @@ def test_a_step_budget_limits_the_batches_of_each_epoch(tmp_path, max_steps, max
     assert unchanged == (steps == 0) and math.isfinite(result.metrics["val_loss"])
     with pytest.raises(ValueError, match=r"phase.stages.lm.max_steps must be an integer >= 0, got -1"):
         Stage(name="lm", max_steps=-1)
+
+
+def test_the_compile_setting_leaves_nn_module_compile_a_method():
+    """`LMModule(compile=True)` keeps `nn.Module.compile()` a method (the setting once replaced it with a bool)."""
+    module = LMModule(GPTNeoX(ModelConfig.from_name("tiny")), partial(torch.optim.AdamW, lr=1e-3), compile=True)
+    assert callable(module.compile) and module.compile_net is True

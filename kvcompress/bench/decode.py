@@ -8,10 +8,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kvcompress.bench.probes import (
     DTYPES,
@@ -27,6 +27,10 @@ from kvcompress.bench.probes import (
 from kvcompress.bench.systems import HF, hf_model, seeded_model, systems
 from kvcompress.evaluation.metrics import time_decode
 from kvcompress.models.generate import compiled_decode_step, decode_step, mark_static
+from kvcompress.models.gpt_neox import GPTNeoX
+
+if TYPE_CHECKING:
+    from transformers import GPTNeoXForCausalLM
 
 RESULT_TAG = "KVC_BENCH_RESULT "
 
@@ -38,9 +42,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     name = spec["system"]
     attention, kwargs, cache = systems().get(name, ("standard", {}, "kv"))
-    model = seeded_model(args, attention, kwargs).to(device=device, dtype=dtype).eval()
-    if name == HF:
-        model = hf_model(model)
+    ours = seeded_model(args, attention, kwargs).to(device=device, dtype=dtype).eval()
+    model: GPTNeoX | GPTNeoXForCausalLM = hf_model(ours) if name == HF else ours
+    del ours  # (HF: our copy of the weights is freed before memory is measured)
     release_free_memory()
     base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -49,10 +53,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     for B, ctx in args.cells:
         if name == HF and B != 1:
             continue
-        prompt = torch.randint(0, model.config.vocab_size if name == HF else model.cfg.vocab_size, (B, ctx),
-                               generator=gen).to(device)  # fmt: skip
+        vocab = model.cfg.vocab_size if isinstance(model, GPTNeoX) else model.config.vocab_size  # ours, or HF's
+        prompt = torch.randint(0, vocab, (B, ctx), generator=gen).to(device)
         cell: dict[str, Any] = {}
-        if name == HF:
+        if not isinstance(model, GPTNeoX):  # name == HF
             cell["eager"] = hf_times(model, prompt, args.new_tokens, device)
         else:
             caches = model.build_caches(B, ctx + args.new_tokens, kind=cache)
@@ -98,7 +102,7 @@ def decode_modes(model, prompt: Tensor, new_tokens: int, caches, modes: list[str
     return out
 
 
-def hf_times(hf: nn.Module, prompt: Tensor, new_tokens: int, device: torch.device) -> dict[str, float]:
+def hf_times(hf: GPTNeoXForCausalLM, prompt: Tensor, new_tokens: int, device: torch.device) -> dict[str, float]:
     """HF generate: TTFT = time of a 1-token generation; TPOT = (t(n tokens) - t(1 token)) / (n - 1)."""
 
     def gen(n: int) -> None:

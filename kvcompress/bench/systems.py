@@ -5,7 +5,7 @@ Every system's model starts from the same seeded standard weights."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from kvcompress.models.caches import CACHES
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import ATTENTIONS, GPTNeoX
 from kvcompress.models.hf import to_hf_model
+
+if TYPE_CHECKING:
+    from transformers import GPTNeoXForCausalLM, PreTrainedModel
 
 HF = "hf"  # transformers generate(), standard weights; measured in batch-1 cells only
 System = tuple[str, dict[str, Any], str]  # (attention, attention kwargs, cache kind)
@@ -42,7 +45,7 @@ def copy_shared_weights(dst: nn.Module, src: nn.Module) -> int:
     return len(shared)
 
 
-def set_sdpa(hf_model: nn.Module) -> None:
+def set_sdpa(hf_model: PreTrainedModel) -> None:
     """Make a transformers model attend with SDPA, like ours."""
     if hasattr(hf_model, "set_attn_implementation"):
         hf_model.set_attn_implementation("sdpa")
@@ -68,8 +71,9 @@ def seeded_model(args: argparse.Namespace, attention: str = "standard", kwargs: 
     return model
 
 
-def hf_model(standard: GPTNeoX, info: dict[str, Any] | None = None) -> nn.Module:
-    hf = to_hf_model(standard).to(standard.embed_out.weight.device)
+def hf_model(standard: GPTNeoX, info: dict[str, Any] | None = None) -> GPTNeoXForCausalLM:
+    # (the ignore: transformers types its `to`, @wraps(nn.Module.to), as the unbound method)
+    hf = to_hf_model(standard).to(standard.embed_out.weight.device)  # type: ignore[arg-type]
     set_sdpa(hf)  # our model uses SDPA too
     if info is not None:
         info["hf_attn_implementation"] = hf.config._attn_implementation

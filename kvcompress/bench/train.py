@@ -44,7 +44,9 @@ def bench_train(
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
         is_hf = name == "hf"
 
-        def step(batch: Tensor, module: nn.Module = module, opt: torch.optim.Optimizer = opt, is_hf=is_hf) -> Tensor:
+        def step(
+            batch: Tensor, module: Callable[..., Any] = module, opt: torch.optim.Optimizer = opt, is_hf: bool = is_hf
+        ) -> Tensor:
             x, y = batch[:, :-1], batch[:, 1:]
             with autocast(device, dtype):
                 logits = module(input_ids=x, use_cache=False).logits if is_hf else module(x)
@@ -58,9 +60,9 @@ def bench_train(
 
     # Same weights and data: the first losses must agree where the attention is the same (a fairness check).
     first_loss = {name: float(step(batches[0])) for name, step in steps.items()}
-    for step in steps.values():
+    for warm_up in steps.values():
         for i in range(max(args.warmup - 1, 0)):
-            step(batches[(i + 1) % len(batches)])
+            warm_up(batches[(i + 1) % len(batches)])
     samples: dict[str, list[float]] = {name: [] for name in steps}
     tokens = args.train_batch * seq_len * args.train_steps
     for r in range(args.repeats):

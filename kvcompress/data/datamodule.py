@@ -109,9 +109,11 @@ class ResumableLoader(DataLoader):
     """A DataLoader that resumes mid-epoch: `position()` is the epoch and the batches served so far, and
     `resume_at(position)` makes the next iteration of that epoch skip those batches."""
 
+    batch_size: int  # always given (DataLoader allows None)
+
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: TokenWindowDataset,
         batch_size: int,
         seed: int,
         shuffle: bool,
@@ -119,7 +121,7 @@ class ResumableLoader(DataLoader):
         num_replicas: int = 1,
         **kwargs,
     ) -> None:
-        self.epoch_order = EpochOrder(len(dataset), seed, shuffle, rank, num_replicas)  # type: ignore[arg-type]
+        self.epoch_order = EpochOrder(len(dataset), seed, shuffle, rank, num_replicas)
         super().__init__(dataset, batch_size=batch_size, sampler=self.epoch_order, **kwargs)
         self.served = 0
         self._resume: dict[str, int] | None = None
@@ -129,7 +131,7 @@ class ResumableLoader(DataLoader):
         resume, self._resume = self._resume, None
         if resume and resume["epoch"] == self.epoch_order.epoch and 0 < resume["batches"] < len(self):
             self.served = resume["batches"]
-            self.epoch_order.start = self.served * self.batch_size  # type: ignore[operator]
+            self.epoch_order.start = self.served * self.batch_size
         for batch in super().__iter__():
             self.served += 1
             yield batch
@@ -386,8 +388,8 @@ class TokenWindowDataModule(LightningDataModule):
                 }
                 for name, want, idx in (("train", want_train, train_idx), ("validation", want_val, val_idx))
             },
-            "train_windows": len(self.train_dataset),
-            "val_windows": len(self.val_dataset),
+            "train_windows": self.num_train_windows,
+            "val_windows": self.num_val_windows,
         }
         log.info("data: %s", self.info)
 
@@ -417,19 +419,19 @@ class TokenWindowDataModule(LightningDataModule):
             base = base.with_weights(self._train_weights)
         self.train_dataset = base if self._train_positions is None else base.subset(self._train_positions)
 
-    def _ready(self) -> None:
+    def _ready(self) -> tuple[TokenWindowDataset, TokenWindowDataset]:
+        """The (train, val) datasets."""
         if self.train_dataset is None or self.val_dataset is None:
             raise RuntimeError("call setup() first")
+        return self.train_dataset, self.val_dataset
 
     @property
     def num_train_windows(self) -> int:
-        self._ready()
-        return len(self.train_dataset)  # type: ignore[arg-type]
+        return len(self._ready()[0])
 
     @property
     def num_val_windows(self) -> int:
-        self._ready()
-        return len(self.val_dataset)  # type: ignore[arg-type]
+        return len(self._ready()[1])
 
     @property
     def vocab_size(self) -> int:
@@ -440,7 +442,9 @@ class TokenWindowDataModule(LightningDataModule):
 
     # --- loaders -------------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, shard: bool = False) -> ResumableLoader:
+    def _loader(
+        self, dataset: TokenWindowDataset, batch_size: int, shuffle: bool, shard: bool = False
+    ) -> ResumableLoader:
         """`shard`: when Lightning trains on several processes, this rank's share of every epoch."""
         trainer = self.trainer if shard else None
         return ResumableLoader(
@@ -458,8 +462,8 @@ class TokenWindowDataModule(LightningDataModule):
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:
         """Shuffled in an order fixed by (seed, epoch); `shuffle=False` gives stream order (e.g. to score every
         window). A shuffled loader resumes where a restored checkpoint left off (see `load_state_dict`)."""
-        self._ready()
-        loader = self._loader(self.train_dataset, self.batch_size, shuffle, shard=shuffle)  # type: ignore[arg-type]
+        train, _ = self._ready()
+        loader = self._loader(train, self.batch_size, shuffle, shard=shuffle)
         if shuffle:
             self._train_loader = loader
             if self._resume_position is not None:
@@ -477,5 +481,5 @@ class TokenWindowDataModule(LightningDataModule):
 
     def val_dataloader(self, shard: bool = True) -> DataLoader:
         """Stream order; under DDP each rank gets its share unless `shard=False`."""
-        self._ready()
-        return self._loader(self.val_dataset, self.eval_batch_size, False, shard)  # type: ignore[arg-type]
+        _, val = self._ready()
+        return self._loader(val, self.eval_batch_size, False, shard)

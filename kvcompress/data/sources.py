@@ -203,7 +203,7 @@ def resolve_source(
     # The local copy holds the default variant only (e.g. the "<unk>" v1 WikiText), so another Hub id/config skips it.
     use_local = root is not None and hub_id == spec.hub_id and config == spec.hub_config and spec.local
     found: dict[str, Path] = {}
-    if use_local:
+    if use_local and root is not None:
         for split in splits:
             for rel in spec.local.get(split, ()):
                 if (root / rel).is_file():
@@ -368,11 +368,14 @@ def load_token_stream(split: SplitSource, tok: TextTokenizer, cache_dir: str | o
     log.info("tokenizing %s %s from %s", split.dataset, split.split, split.origin)
     content = split.read()
     if split.documents:
-        tokens = tokenize_documents(tok, content)  # type: ignore[arg-type]
+        tokens = tokenize_documents(tok, content)
+    elif isinstance(content, str):
+        tokens = tokenize_text(tok, content)
     else:
-        tokens = tokenize_text(tok, content)  # type: ignore[arg-type]
+        raise TypeError(f"data set {split.dataset!r} ({split.split}): read() gave documents for a one-text split")
     if tokens.size and int(tokens.max()) >= tok.vocab_size:
         raise ValueError(f"tokenizer {tok.name} produced id {int(tokens.max())} >= its vocab size {tok.vocab_size}")
+    sha256 = hashlib.sha256(tokens.tobytes()).hexdigest()
     meta = {
         "dataset": split.dataset,
         "split": split.split,
@@ -382,10 +385,10 @@ def load_token_stream(split: SplitSource, tok: TextTokenizer, cache_dir: str | o
         "tokenizer_sha256": tok.fingerprint,
         "num_tokens": int(tokens.size),
         "dtype": str(tokens.dtype),
-        "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+        "tokens_sha256": sha256,
     }
     # The metadata goes last: a kill between the two writes leaves a stream without matching metadata (rebuilt).
     atomic_write(path, lambda f: np.save(f, tokens, allow_pickle=False), mode="wb")
     atomic_write(path.with_suffix(".json"), lambda f: json.dump(meta, f, indent=1), mode="w")
     log.info("cached %d tokens at %s", tokens.size, path)
-    return TokenStream(tokens, False, meta["tokens_sha256"])
+    return TokenStream(tokens, False, sha256)

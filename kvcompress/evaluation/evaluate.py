@@ -8,32 +8,49 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kvcompress.config import CacheConfig, ContextCheckConfig, EvalConfig
+from kvcompress.data.tokenizer import TextTokenizer
 from kvcompress.evaluation import long_context, metrics
 from kvcompress.evaluation.windows import add_window_losses
 from kvcompress.models import GPTNeoX
+
+if TYPE_CHECKING:
+    from kvcompress.data.datamodule import TokenWindowDataModule, TokenWindowDataset
 
 log = logging.getLogger(__name__)
 PLAIN_KINDS = ("kv", "native")  # the caches the others are measured against
 
 
-def _val_batches(datamodule: L.LightningDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
+def set_up_val_dataset(datamodule: TokenWindowDataModule) -> TokenWindowDataset:
+    """The validation windows of a datamodule that has been set up."""
+    if datamodule.val_dataset is None:
+        raise RuntimeError("evaluation needs the datamodule set up: call datamodule.setup() first")
+    return datamodule.val_dataset
+
+
+def set_up_tokenizer(datamodule: TokenWindowDataModule) -> TextTokenizer:
+    """The tokenizer of a datamodule that has been set up."""
+    if datamodule.tokenizer is None:
+        raise RuntimeError("evaluation needs the datamodule set up: call datamodule.setup() first")
+    return datamodule.tokenizer
+
+
+def _val_batches(datamodule: TokenWindowDataModule, max_batches: int, device: torch.device) -> list[torch.Tensor]:
     batches = []
-    for i, batch in enumerate(datamodule.val_dataloader(shard=False)):  # type: ignore[call-arg]  # all of it
+    for i, batch in enumerate(datamodule.val_dataloader(shard=False)):  # all of it
         if i >= max_batches:
             break
         batches.append(batch.to(device))
     return batches
 
 
-def val_window_ids(datamodule: L.LightningDataModule, n: int) -> np.ndarray:
+def val_window_ids(datamodule: TokenWindowDataModule, n: int) -> np.ndarray:
     """The ids of the first `n` validation windows in loader order (unsharded, unshuffled)."""
     dataset = getattr(datamodule, "val_dataset", None)
     indices = getattr(dataset, "indices", None)
@@ -56,7 +73,7 @@ def context_losses(net: GPTNeoX, batch: torch.Tensor, lo: int, hi: int, window: 
 @torch.no_grad()
 def context_check(
     net: GPTNeoX,
-    datamodule: L.LightningDataModule,
+    datamodule: TokenWindowDataModule,
     cfg: ContextCheckConfig,
     windows: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
@@ -66,7 +83,7 @@ def context_check(
     device = net.embed_out.weight.device
     seq_len = int(getattr(datamodule, "seq_len", 0)) or None
     full, last, n, lo, hi = [], [], 0, 0, 0
-    for i, batch in enumerate(datamodule.val_dataloader(shard=False)):  # type: ignore[call-arg]
+    for i, batch in enumerate(datamodule.val_dataloader(shard=False)):
         if cfg.max_batches is not None and i >= cfg.max_batches:
             break
         batch = batch.to(device)
@@ -141,7 +158,7 @@ def evaluate_cache(
 @torch.no_grad()
 def evaluate(
     net: GPTNeoX,
-    datamodule: L.LightningDataModule,
+    datamodule: TokenWindowDataModule,
     cfg: EvalConfig | None = None,
     windows: dict[str, np.ndarray] | None = None,
     buckets: Sequence[tuple[int, int]] = metrics.DEFAULT_BUCKETS,
@@ -178,7 +195,7 @@ def evaluate(
     if cfg.reversal.enabled:
         out["reversal"] = metrics.reversal_probe(
             net,
-            datamodule.tokenizer,  # type: ignore[attr-defined]
+            set_up_tokenizer(datamodule),
             n_facts=cfg.reversal.n_facts,
             cache=main.name if batches else None,
             cache_kwargs=main.kwargs,
@@ -187,18 +204,18 @@ def evaluate(
 
 
 @torch.no_grad()
-def evaluate_long_context(net: GPTNeoX, datamodule: L.LightningDataModule, cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_long_context(net: GPTNeoX, datamodule: TokenWindowDataModule, cfg: EvalConfig) -> dict[str, Any]:
     """`long_context` and `passkey` results, when enabled (kvcompress.evaluation.long_context)."""
     out: dict[str, Any] = {}
     lc, pk = cfg.long_context, cfg.passkey
     long_context.check_long_context(cfg, net.cfg.max_position_embeddings)
     if lc.enabled:
-        tokens = datamodule.val_dataset.tokens  # type: ignore[attr-defined]  # the validation stream
+        tokens = set_up_val_dataset(datamodule).tokens  # the validation stream
         caches = cfg.caches_for(lc.caches, "eval.long_context.caches")
         out["long_context"] = long_context.long_context(net, tokens, caches, lc.lengths, lc.windows)
     if pk.enabled:
         caches = cfg.caches_for(pk.caches, "eval.passkey.caches")
-        tokenizer = datamodule.tokenizer  # type: ignore[attr-defined]
+        tokenizer = set_up_tokenizer(datamodule)
         out["passkey"] = long_context.passkey_probe(net, tokenizer, caches, pk.lengths, pk.depths, pk.trials, pk.digits)
     return out
 

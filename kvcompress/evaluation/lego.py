@@ -7,17 +7,20 @@ policy) vs greedy self-speculation, timed back to back in this process with the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
 from kvcompress.data.batch import split_batch
+from kvcompress.evaluation.evaluate import set_up_val_dataset
 from kvcompress.evaluation.metrics import timed
 from kvcompress.methods.lego import FILL_POLICIES, LegoGPTNeoX, compute_cost
-from kvcompress.methods.lego_decode import check_fillable, generate_early_exit, generate_self_speculative
+from kvcompress.methods.lego_decode import Decoded, check_fillable, generate_early_exit, generate_self_speculative
 from kvcompress.models.generate import generate
+
+if TYPE_CHECKING:
+    from kvcompress.data.datamodule import TokenWindowDataModule
 
 __all__ = ["LegoDecodeBenchmark", "early_exit_speed"]
 
@@ -57,7 +60,11 @@ def early_exit_speed(
     full_s, full = _mean_seconds(over_prompts(lambda p: generate(model, p, new_tokens, cache=cache)), repeats, device)
     out: dict[str, Any] = {"new_tokens": new_tokens, "sequences": n // new_tokens, "full_tokens_per_s": n / full_s}
     for fill in fills:
-        decode = over_prompts(lambda p, f=fill: generate_early_exit(model, p, new_tokens, fill=f, cache=cache))
+
+        def early_exit(p: Tensor, fill: str = fill) -> Decoded:
+            return generate_early_exit(model, p, new_tokens, fill=fill, cache=cache)
+
+        decode = over_prompts(early_exit)
         secs, runs = _mean_seconds(decode, repeats, device)
         share = float(torch.cat([r.shallow.flatten() for r in runs]).float().mean())
         cost = compute_cost(share, model.shallow_exit, model.deep_exit)
@@ -125,10 +132,10 @@ class LegoDecodeBenchmark:
             check_fillable(net, caches, fill)
 
     @torch.no_grad()
-    def __call__(self, *, net: Any, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    def __call__(self, *, net: Any, datamodule: TokenWindowDataModule) -> dict[str, Any]:
         net = _lego(net)
         net.eval()
-        val = datamodule.val_dataset  # type: ignore[attr-defined]
+        val = set_up_val_dataset(datamodule)
         device = net.embed_out.weight.device
         n = min(self.prompts, len(val))
         starts = torch.stack([split_batch(val[i])[0][: self.prompt_len] for i in range(n)]).to(device)

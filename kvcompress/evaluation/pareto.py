@@ -134,18 +134,20 @@ def pareto_markdown(metric: str, pts: Sequence[Point], plot: str | None = None) 
 
 
 def plot_pareto(metric: str, pts: Sequence[Point], path: Path) -> Path:
+    import matplotlib
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    colors = matplotlib.color_sequences["tab20"]  # (the tab20 colormap's colors)
     for i, kind in enumerate(dict.fromkeys(p.kind for p in pts)):
         mine = [p for p in pts if p.kind == kind]
         xs, ys = [p.bytes_per_token for p in mine], [p.value for p in mine]
         err = None
-        if all(p.vs_reference for p in mine) and not metric.startswith("passkey"):
-            ref = [p.value / p.vs_reference.ratio for p in mine]  # type: ignore[union-attr]
-            lo = [y - r * p.vs_reference.ci[0] for y, r, p in zip(ys, ref, mine, strict=True)]  # type: ignore[union-attr]
-            hi = [r * p.vs_reference.ci[1] - y for y, r, p in zip(ys, ref, mine, strict=True)]  # type: ignore[union-attr]
+        compared = [p.vs_reference for p in mine if p.vs_reference]
+        if len(compared) == len(mine) and not metric.startswith("passkey"):
+            ref = [p.value / c.ratio for p, c in zip(mine, compared, strict=True)]
+            lo = [y - r * c.ci[0] for y, r, c in zip(ys, ref, compared, strict=True)]
+            hi = [r * c.ci[1] - y for y, r, c in zip(ys, ref, compared, strict=True)]
             err = [[max(v, 0.0) for v in lo], [max(v, 0.0) for v in hi]]
         marker = "osD^v<>"[i // len(colors) % 7]
         ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=3, label=kind, color=colors[i % len(colors)])

@@ -18,7 +18,7 @@ import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from kvcompress.evaluation.report import buckets, cache_kinds
 from kvcompress.utils import atomic_write
@@ -32,6 +32,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
         2.042)  # fmt: skip
 CI_TEXT = "error bars: 95% CI of the mean over seeds (t), where n > 1"
+WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def ci95(xs: Sequence[float]) -> float:
@@ -199,9 +200,11 @@ def plot_ppl_vs_bytes(rows: Sequence[Aggregate], path: Path, notes: dict[tuple[s
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     points, xs, ys, entries = [], [], [], 0
     for i, row in enumerate(rows):
-        candidates = [("cache.bytes_per_token", "val_ppl", "run cache, val PPL", "o", None)]
-        for kind in cache_kinds([row]):
-            item = (f"caches.{kind}.bytes_per_token", f"caches.{kind}.autoregressive_ppl", f"{kind}, AR PPL", "^", kind)
+        candidates: list[tuple[str, str, str, str, str | None]] = [
+            ("cache.bytes_per_token", "val_ppl", "run cache, val PPL", "o", None)
+        ]
+        for name in cache_kinds([row]):
+            item = (f"caches.{name}.bytes_per_token", f"caches.{name}.autoregressive_ppl", f"{name}, AR PPL", "^", name)
             candidates.append(item)
         for bytes_key, ppl_key, what, marker, kind in candidates:
             if bytes_key not in row.values or ppl_key not in row.values:
@@ -290,8 +293,8 @@ def plot_training_curves(runs: Sequence[RunResult], path: Path) -> Path:
                     continue
                 by_step.setdefault(step, []).append(value)
                 last = value
-            for step, values in by_step.items():
-                series.setdefault((run.label, key), {}).setdefault(step, []).append(statistics.fmean(values))
+            for step, at_step in by_step.items():
+                series.setdefault((run.label, key), {}).setdefault(step, []).append(statistics.fmean(at_step))
             stage = key.split("/")[0]
             stage_starts[stage] = min(stage_starts.get(stage, 1 << 62), min(s for s, _ in points))
     fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -368,11 +371,12 @@ def log_to_wandb(written: dict[str, Path], runs: Sequence[RunResult]) -> None:
     """One W&B run (offline unless WANDB_MODE says otherwise) beside the report: the table and the figures."""
     import wandb as wb
 
-    mode = os.environ.get("WANDB_MODE", "offline")
+    mode = cast(WandbMode, os.environ.get("WANDB_MODE", "offline"))  # wandb.init rejects any other value
     folder = str(written["csv"].parent)  # the offline run goes beside the report, not into the working directory
     who = wandb_identity(runs)
-    with wb.init(project="kvcompress", job_type="report", mode=mode, dir=folder, **who) as run:  # type: ignore[attr-defined]
+    with wb.init(project="kvcompress", job_type="report", mode=mode, dir=folder, **who) as run:
         with open(written["csv"]) as f:
             table = list(csv.reader(f))
-        run.log({"report": wb.Table(columns=table[0], data=table[1:])})
+        columns: list[str | int] = list(table[0])
+        run.log({"report": wb.Table(columns=columns, data=table[1:])})
         run.log({k: wb.Image(str(p)) for k, p in written.items() if p.suffix == ".png"})

@@ -97,6 +97,8 @@ class LegoGPTNeoX(GPTNeoX):
     (the names stage patterns match); `self.layers` lists them all, in order, for `run_layers` and caches.
     """
 
+    threshold: Tensor  # a buffer: the shallow confidence at or above which a token exits early
+
     def __init__(self, cfg: ModelConfig, exits: Sequence[int] | None = None, threshold: float = 0.5) -> None:
         super().__init__(cfg)
         self.shallow_exit, self.deep_exit = check_exits(exits, cfg.n_layer)
@@ -104,7 +106,7 @@ class LegoGPTNeoX(GPTNeoX):
         del self.layers
         self.shallow_layers = nn.ModuleList(blocks[: self.shallow_exit])
         self.deep_layers = nn.ModuleList(blocks[self.shallow_exit :])
-        # A plain list: the blocks are registered once, under the names above.
+        # A plain list (GPTNeoX declares a ModuleList): the blocks are registered once, under the names above.
         self.layers = blocks  # type: ignore[assignment]
         self.shallow_head = ExitHead(cfg)
         self.shallow_head.apply(self._init_weights)
@@ -139,7 +141,7 @@ class LegoGPTNeoX(GPTNeoX):
 
     def route(self, shallow_logits: Tensor, threshold: float | Tensor | None = None) -> Tensor:
         """True where a token takes the shallow exit: its shallow confidence >= the threshold."""
-        return confidence(shallow_logits) >= (self.threshold if threshold is None else threshold)  # type: ignore[operator]
+        return confidence(shallow_logits) >= (self.threshold if threshold is None else threshold)
 
     def routed(self, input_ids: Tensor, threshold: float | None = None) -> tuple[Tensor, Tensor]:
         """Two-stage output (the report's form: both exits computed, one picked per token), and the shallow mask."""

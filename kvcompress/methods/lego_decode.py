@@ -13,6 +13,7 @@ forward; its greedy tokens are the full model's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from torch import Tensor
 from kvcompress.methods.lego import FILL_POLICIES, LegoGPTNeoX, check_threshold, confidence
 from kvcompress.models.caches import Caches, Step, eager_step, span_step
 from kvcompress.models.generate import sample_next
+from kvcompress.models.gpt_neox import Block
 
 __all__ = ["Decoded", "check_fillable", "generate_early_exit", "generate_self_speculative", "truncate"]
 
@@ -52,8 +54,8 @@ def check_fillable(model: LegoGPTNeoX, caches: Caches, fill: str) -> None:
 def _propagate(model: LegoGPTNeoX, h: Tensor, rope: tuple[Tensor, Tensor], caches: Caches, step: Step) -> None:
     """CALM: every skipped layer's cache gets K/V projected from the exit hidden state h."""
     for i in range(model.shallow_exit, model.deep_exit):
-        layer = model.layers[i]
-        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), rope)  # type: ignore[union-attr,operator]
+        layer = cast(Block, model.layers[i])  # (ModuleList items are typed as Module)
+        _, k, v = layer.attention.split_qkv(layer.input_layernorm(h), rope)
         caches[i].append(k, v, step)
 
 
@@ -75,7 +77,7 @@ def generate_early_exit(
     """Decode with true early exit: a new token whose shallow confidence >= `threshold` (default: the model's)
     skips the deep layers. Works at batch > 1 with mixed exits; the prompt runs at full depth. `caches` (empty,
     one per layer) may be given to inspect them afterwards."""
-    threshold = float(model.threshold) if threshold is None else check_threshold(threshold)  # type: ignore[arg-type]
+    threshold = float(model.threshold) if threshold is None else check_threshold(threshold)
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     B, T = input_ids.shape
@@ -96,6 +98,7 @@ def generate_early_exit(
     mid[:, :T] = h
     deep_h = model.run_layers(h, rope, caches, layers=slice(e, None), step=step)
     deep_len = T  # positions the deep caches hold
+    deep: Tensor | None  # None: this step's deep logits were not computed
     shallow, deep = model.shallow_head(h[:, -1]), model.head(deep_h[:, -1])
     for i in range(max_new_tokens):
         take = confidence(shallow) >= threshold  # (B,)
@@ -112,7 +115,7 @@ def generate_early_exit(
         x, rope = model.embed(tokens[:, p : p + 1], step.positions)
         h = model.run_layers(x, rope, caches, layers=slice(0, e), step=step)
         mid[:, p] = h[:, 0]
-        shallow, deep = model.shallow_head(h[:, 0]), None  # type: ignore[assignment]
+        shallow, deep = model.shallow_head(h[:, 0]), None
         go_deep = confidence(shallow) < threshold
         if fill == "propagate":
             if not go_deep.any():
@@ -130,8 +133,7 @@ def generate_early_exit(
             rope = model.rope(catch_up.positions, pending)
             y = model.run_layers(pending, rope, caches, layers=slice(e, None), step=catch_up)
             deep, deep_len = model.head(y[:, -1]), p + 1
-    logits = torch.stack(step_logits, dim=1) if step_logits else None  # type: ignore[assignment]
-    return Decoded(tokens, shallow_taken, logits)
+    return Decoded(tokens, shallow_taken, torch.stack(step_logits, dim=1) if step_logits else None)
 
 
 def truncate(caches: Caches, length: int) -> None:

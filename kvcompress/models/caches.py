@@ -177,8 +177,9 @@ class LayerCache:
     @classmethod
     def build(cls, attn: Any, batch_size: int, max_len: int, device=None, dtype=None, **kwargs: Any) -> LayerCache:
         """The cache for one layer of attention `attn` (its shapes; never a reference to it)."""
-        shape = (attn.n_kv_head, attn.head_size)  # subclasses take (batch_size, max_len, n_kv_head, head_size, ...)
-        return cls(batch_size, max_len, *shape, device=device, dtype=dtype, **kwargs)  # type: ignore[call-arg]
+        shape = (attn.n_kv_head, attn.head_size)
+        make: Callable[..., LayerCache] = cls  # subclasses take (batch_size, max_len, n_kv_head, head_size, ...)
+        return make(batch_size, max_len, *shape, device=device, dtype=dtype, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes held by this cache, measured from its tensors."""

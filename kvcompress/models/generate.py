@@ -13,6 +13,7 @@ row's positions start at 0 at its first real token, as in Hugging Face `generate
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -104,6 +105,42 @@ def mark_static(caches: Caches) -> None:
             torch._dynamo.mark_static_address(buf)
     torch._dynamo.mark_static_address(caches.state.slot)
     torch._dynamo.mark_static_address(caches.state.offset)
+
+
+@overload
+def generate(
+    model: GPTNeoX,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = ...,
+    temperature: float = ...,
+    top_k: int | None = ...,
+    generator: torch.Generator | None = ...,
+    use_cache: bool = ...,
+    cache: str = ...,
+    caches: Caches | None = ...,
+    compile: bool = ...,
+    return_logits: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def generate(
+    model: GPTNeoX,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = ...,
+    temperature: float = ...,
+    top_k: int | None = ...,
+    generator: torch.Generator | None = ...,
+    use_cache: bool = ...,
+    cache: str = ...,
+    caches: Caches | None = ...,
+    compile: bool = ...,
+    return_logits: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
 
 
 @torch.no_grad()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.gpt_neox import GPTNeoX
 from kvcompress.models.gqa import fit_kv_heads
+
+if TYPE_CHECKING:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 HF_PREFIX = "gpt_neox."
 # The output head is `embed_out` in Pythia checkpoints and `lm_head` in transformers >= 5.
@@ -39,7 +42,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
-def config_to_hf(cfg: ModelConfig):
+def config_to_hf(cfg: ModelConfig) -> GPTNeoXConfig:
     """The `GPTNeoXConfig` of this shape; a model with grouped K/V heads has none (GPT-NeoX has no such setting)."""
     if cfg.kv_heads != cfg.n_head:
         raise ValueError(
@@ -126,7 +129,7 @@ def from_pretrained(name_or_path: str | os.PathLike, **overrides: Any) -> GPTNeo
     return from_hf_model(hf_model, **overrides)
 
 
-def to_hf_model(model: GPTNeoX):
+def to_hf_model(model: GPTNeoX) -> GPTNeoXForCausalLM:
     """A `GPTNeoXForCausalLM` with this model's weights (standard attention, n_kv_head = n_head only)."""
     from transformers import GPTNeoXForCausalLM
 
@@ -139,6 +142,7 @@ def to_hf_model(model: GPTNeoX):
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise ValueError(f"export mismatch: missing={missing} unexpected={unexpected}")
+    # (the ignore: transformers types its `to`, @wraps(nn.Module.to), as the unbound method)
     return hf_model.to(next(model.parameters()).dtype)  # type: ignore[arg-type]
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -46,7 +46,7 @@ def load_protocol(scale: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
         raise ValueError(f"--scale {scale!r}: no protocol {path} (known: {known})")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # a mapping file
 
 
 def released_weights_available(name: str = "EleutherAI/pythia-70m") -> bool:

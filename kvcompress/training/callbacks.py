@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from kvcompress.config import require_int
 from kvcompress.evaluation import metrics
 from kvcompress.evaluation.windows import window_losses
+from kvcompress.models import GPTNeoX
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,21 @@ DEFAULT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 96), (96, 128))
 
 def bucket_name(lo: int, hi: int) -> str:
     return f"{lo}-{hi}"
+
+
+def trainer_datamodule(trainer: L.Trainer) -> L.LightningDataModule | None:
+    """The trainer's datamodule (None without one)."""
+    return trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, undeclared on Trainer
+
+
+def trainer_callbacks(trainer: L.Trainer) -> list[L.Callback]:
+    """The trainer's callbacks."""
+    return trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector, undeclared
+
+
+def gather(pl_module: L.LightningModule, tensor: torch.Tensor) -> torch.Tensor:
+    """`all_gather` of one tensor: a tensor (Lightning annotates it with the union of every input kind)."""
+    return cast(torch.Tensor, pl_module.all_gather(tensor))
 
 
 class PositionwisePPL(L.Callback):
@@ -61,6 +77,11 @@ class PositionwisePPL(L.Callback):
         self._counts = torch.zeros(len(self.buckets), dtype=torch.float64, device=pl_module.device)
         self._rows, self._ids, self._window_ids = [], [], None
 
+    def _totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._sums is None or self._counts is None:
+            raise RuntimeError("PositionwisePPL: a validation batch ended before the validation epoch started")
+        return self._sums, self._counts
+
     def _batch_ids(self, trainer: L.Trainer, batch_idx: int, n: int) -> torch.Tensor:
         """The ids of the `n` windows of validation batch `batch_idx` (this rank's share under DDP)."""
         if self._window_ids is None:
@@ -83,11 +104,12 @@ class PositionwisePPL(L.Callback):
     ) -> None:
         losses = outputs["token_losses"]  # (B, T)
         T = losses.shape[1]
+        sums, counts = self._totals()
         for i, (lo, hi) in enumerate(self.buckets):
             if lo < T:
                 chunk = losses[:, lo:hi]
-                self._sums[i] += chunk.double().sum()
-                self._counts[i] += chunk.numel()
+                sums[i] += chunk.double().sum()
+                counts[i] += chunk.numel()
         self._rows.append(window_losses(losses, self.buckets))
         self._ids.append(self._batch_ids(trainer, batch_idx, losses.shape[0]))
 
@@ -97,16 +119,16 @@ class PositionwisePPL(L.Callback):
         ids = torch.cat(self._ids).to(pl_module.device)
         columns = {name: torch.cat([row[name] for row in self._rows]) for name in self._rows[0]}
         if trainer.world_size > 1:  # every rank holds as many windows (DDP pads the shares to equal length)
-            ids = pl_module.all_gather(ids).flatten()
-            columns = {name: pl_module.all_gather(values).flatten() for name, values in columns.items()}
+            ids = gather(pl_module, ids).flatten()
+            columns = {name: gather(pl_module, values).flatten() for name, values in columns.items()}
         ids_np = ids.cpu().numpy()
         _, first = np.unique(ids_np, return_index=True)  # sorted by id, each window once
         return {"ids": ids_np[first], **{name: v.cpu().numpy()[first] for name, v in columns.items()}}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        sums, counts = self._sums, self._counts
+        sums, counts = self._totals()
         if trainer.world_size > 1:
-            sums, counts = pl_module.all_gather(sums).sum(0), pl_module.all_gather(counts).sum(0)
+            sums, counts = gather(pl_module, sums).sum(0), gather(pl_module, counts).sum(0)
         self.windows = self._gather_windows(trainer, pl_module)
         prefix = getattr(pl_module, "metric_prefix", "lm")
         self.last = {}
@@ -142,14 +164,17 @@ class AutoregressivePPL(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        datamodule, net = trainer_datamodule(trainer), getattr(pl_module, "net", None)
+        if datamodule is None or not isinstance(net, GPTNeoX):
+            raise TypeError("AutoregressivePPL needs a trainer with a datamodule and a module whose `net` is a GPTNeoX")
         losses = []
-        for i, batch in enumerate(trainer.datamodule.val_dataloader()):  # this rank's share under DDP
+        for i, batch in enumerate(datamodule.val_dataloader()):  # this rank's share under DDP
             if i >= self.max_batches:
                 break
-            losses.append(metrics.autoregressive_token_losses(pl_module.net, batch.to(pl_module.device), self.cache))
+            losses.append(metrics.autoregressive_token_losses(net, batch.to(pl_module.device), self.cache))
         local = torch.cat(losses).double()
-        total = pl_module.all_gather(local.sum()).sum()  # summed over ranks (a no-op on one process)
-        count = pl_module.all_gather(torch.tensor(float(local.numel()), device=local.device)).sum()
+        total = gather(pl_module, local.sum()).sum()  # summed over ranks (a no-op on one process)
+        count = gather(pl_module, torch.tensor(float(local.numel()), device=local.device)).sum()
         prefix = getattr(pl_module, "metric_prefix", "lm")
         pl_module.log(f"{prefix}/val_ar_ppl", float(torch.exp(total / count)))
 
@@ -184,7 +209,8 @@ class RunEstimate(L.Callback):
 
     @staticmethod
     def _val_batches_per_validation(trainer: L.Trainer) -> int:
-        n = len(trainer.datamodule.val_dataloader()) if trainer.datamodule is not None else 0
+        datamodule = trainer_datamodule(trainer)
+        n = len(datamodule.val_dataloader()) if datamodule is not None else 0
         limit = trainer.limit_val_batches
         if isinstance(limit, int):
             return min(n, limit)

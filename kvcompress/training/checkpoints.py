@@ -66,7 +66,11 @@ class RelativeCheckpoint(ModelCheckpoint):
         return os.path.relpath(path, self.dirpath) if path else ""
 
     def _absolute(self, path: str) -> str:
-        return str(Path(self.dirpath) / path) if path else ""  # type: ignore[arg-type]
+        if not path:
+            return ""
+        if self.dirpath is None:
+            raise ValueError("RelativeCheckpoint needs a dirpath to resolve its saved paths")
+        return str(Path(self.dirpath) / path)
 
 
 class StepCheckpoint(RelativeCheckpoint):
@@ -86,7 +90,9 @@ def stage_checkpoints(
     """The best-checkpoint callback and all checkpoint callbacks of a stage, in the order Lightning runs them:
     `best.ckpt` when the monitor improves, then `last.ckpt` after every validation (so it holds the
     updated best and early-stopping state), and optionally `last.ckpt` every N steps or M minutes."""
-    common = dict(dirpath=folder, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
+    common: dict[str, Any] = dict(
+        dirpath=folder, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False
+    )
     best = RelativeCheckpoint(filename=BEST, monitor=monitor, mode="min", **common)
     callbacks: list[L.Callback] = [best, RelativeCheckpoint(filename=LAST, monitor=None, **common)]
     if every_n_train_steps:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save
@@ -53,6 +53,8 @@ class LegoModule(LMModule):
     `val_ppl_<exit>` and `val_acc_<exit>`.
     """
 
+    net: LegoGPTNeoX
+
     def __init__(self, net: LegoGPTNeoX, *args: Any, **kwargs: Any) -> None:
         super().__init__(net, *args, **kwargs)
         if not isinstance(net, LegoGPTNeoX):
@@ -64,6 +66,9 @@ class LegoModule(LMModule):
         self.upto = net.deep_exit if self.main_exit == "deep" else net.shallow_exit
         names = EXITS if self.main_exit == "deep" else ("shallow",)
         self.exit_metrics = torch.nn.ModuleDict({f"{n}_{k}": MeanMetric() for n in names for k in ("loss", "acc")})
+
+    def exit_metric(self, key: str) -> MeanMetric:
+        return cast(MeanMetric, self.exit_metrics[key])  # ModuleDict items are typed as Module
 
     def exit_logits(self, ids: Tensor) -> dict[str, Tensor]:
         out = self.net.forward_exits(ids[:, :-1], upto=self.upto)
@@ -83,8 +88,8 @@ class LegoModule(LMModule):
         for name, logits in self.exit_logits(ids).items():
             token_losses = token_cross_entropy(logits, targets)
             n = token_losses.numel()
-            self.exit_metrics[f"{name}_loss"].update(token_losses.mean(), weight=n)
-            self.exit_metrics[f"{name}_acc"].update((logits.argmax(-1) == targets).float().mean(), weight=n)
+            self.exit_metric(f"{name}_loss").update(token_losses.mean(), weight=n)
+            self.exit_metric(f"{name}_acc").update((logits.argmax(-1) == targets).float().mean(), weight=n)
             if name == self.main_exit:
                 main = token_losses, logits
         self.update_val_metrics(*main, targets, {})
@@ -96,8 +101,9 @@ class LegoModule(LMModule):
 
     def extra_val_metrics(self) -> dict[str, Tensor]:
         out = {}
-        for key, metric in self.exit_metrics.items():
+        for key in self.exit_metrics:
             name, kind = key.rsplit("_", 1)
+            metric = self.exit_metric(key)
             if metric.update_count:
                 value = metric.compute()
                 out[f"val_ppl_{name}" if kind == "loss" else f"val_acc_{name}"] = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -73,7 +73,7 @@ class LMModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.losses = dict(losses or {"lm": 1.0})
         self.metric_prefix = metric_prefix
-        self.compile = compile
+        self.compile_net = compile  # (not `self.compile`: that would hide nn.Module.compile())
         self.forward_fn: Callable[..., Tensor] = net
         self.total_steps = 0  # set by configure_optimizers; loss-weight schedules run over it
         vocab = net.cfg.vocab_size
@@ -83,13 +83,13 @@ class LMModule(L.LightningModule):
         self._aux_metrics = torch.nn.ModuleDict()
 
     def configure_model(self) -> None:
-        if self.compile and self.forward_fn is self.net:
+        if self.compile_net and self.forward_fn is self.net:
             self.forward_fn = torch.compile(self.net)
 
     def _aux_metric(self, name: str) -> MeanMetric:
         if name not in self._aux_metrics:
             self._aux_metrics[name] = MeanMetric().to(self.device)
-        return self._aux_metrics[name]
+        return cast(MeanMetric, self._aux_metrics[name])  # ModuleDict items are typed as Module
 
     def step(self, ids: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Per-token losses (B, T), logits, and the per-name auxiliary losses (each averaged over layers)."""
@@ -168,7 +168,8 @@ class LMModule(L.LightningModule):
         self.log(f"{p}/val_acc", self.val_acc.compute())
         self.val_loss.reset()
         self.val_acc.reset()
-        for name, metric in self._aux_metrics.items():
+        for name in self._aux_metrics:
+            metric = self._aux_metric(name)
             if metric.update_count:
                 self.log(f"{p}/val_{name}", metric.compute())
             metric.reset()

@@ -29,7 +29,7 @@ from kvcompress.config import require_int
 from kvcompress.evaluation.windows import write_windows
 from kvcompress.models import GPTNeoX
 from kvcompress.models.weights import load_weights, save_weights
-from kvcompress.training.callbacks import PositionwisePPL, RunEstimate
+from kvcompress.training.callbacks import PositionwisePPL, RunEstimate, trainer_callbacks
 from kvcompress.training.checkpoints import (
     LAST,
     AtomicCheckpointIO,
@@ -223,7 +223,7 @@ class PhaseRunner:
     @property
     def is_writer(self) -> bool:
         """Rank 0 (or the only process) owns the stage folders."""
-        return rank_zero_only.rank == 0
+        return rank_zero_only.rank == 0  # type: ignore[attr-defined]  # Lightning sets `rank` on the decorator
 
     def stage_key(self, stage: Stage, parent_key: str) -> str:
         """The stage's folder key: its config, its parent's key, the run's fingerprint and the contents of the files
@@ -524,7 +524,7 @@ def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Ca
 
 def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataModule, stage: Stage) -> dict[str, Any]:
     """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
-    positions = next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL))
+    positions = next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, PositionwisePPL))
     (raw,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     prefix = f"{stage.name}/"
     metrics: dict[str, Any] = {
@@ -536,7 +536,7 @@ def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataMo
 
 def validation_windows(trainer: L.Trainer) -> dict[str, Any]:
     """The per-window losses of the trainer's latest validation (`PositionwisePPL.windows`)."""
-    return dict(next(cb for cb in trainer.callbacks if isinstance(cb, PositionwisePPL)).windows)
+    return dict(next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, PositionwisePPL)).windows)
 
 
 def set_log_step(trainer: L.Trainer, step: int) -> None:
