@@ -64,3 +64,23 @@ def test_quantized_latents_stay_within_the_stated_ppl_bound(trained: GPTNeoX, ki
     ratio = perplexity(losses) / full
     assert abs(ratio - 1) <= bound, ratio
     assert not torch.equal(losses, autoregressive_token_losses(trained, ids, "vdproj"))  # really quantized
+
+
+def test_fused_int4_read_equals_the_op_by_op_read() -> None:
+    """The fused (compiled) dequantization that large caches use in eager decoding gives the op-by-op result."""
+    from kvcompress.models import generate
+
+    torch.manual_seed(0)
+    kwargs = {"rank": 32, "compress_k": True, "k_rank": 24}
+    model = GPTNeoX(ModelConfig.from_name("tiny", attention="vdproj", attention_kwargs=kwargs)).double().eval()
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    runs = [
+        generate(
+            model, prompt, 8, caches=model.build_caches(2, 17, kind="vdproj_int4", fused_read=f), return_logits=True
+        )
+        for f in (False, True)
+    ]
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-12, rtol=0)
+    assert model.build_caches(128, 256, kind="vdproj_int4")[0].fused_read  # large caches fuse by default
+    assert not model.build_caches(2, 17, kind="vdproj_int4")[0].fused_read

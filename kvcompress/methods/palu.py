@@ -13,7 +13,8 @@ dependent, and Palu too leaves them unquantized. Each token is quantized on `put
 dequantized latents, so prefilling in chunks equals prefilling at once. Choices Palu leaves open, as taken here:
 no Hadamard transform before quantizing (Palu's, for outliers), no low-rank-aware fine-tuning (the V-DProj
 projections are trained in full precision), and the latents are dequantized into a full-precision temporary on
-read (a fused dequantize-matmul kernel is Palu's, not this library's).
+read (a fused dequantize-matmul kernel is Palu's, not this library's); for int4 that dequantization is one fused
+(compiled) kernel in eager decoding of a large cache (`fused_read`, as `int4`), not six full-size temporaries.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvcompress.methods.quant import Int8KVCache, _pack, _quantize4, _unpack
+from kvcompress.methods.quant import Int8KVCache, _pack, _quantize4, _unpack, fused, use_fused
 from kvcompress.methods.vdproj import VDProjCache
 from kvcompress.models.caches import Step, register_cache
 
@@ -60,12 +61,24 @@ class VDProjInt8Cache(VDProjCache):
         return self.read(name, step).to(self.dtype) * self.read(f"{name}_scale", step)
 
 
+def _dequantize4(packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Latents (B, L, width) from packed codes (B, L, width/2) and a scale and zero point per token and group
+    (B, L, groups), the groups being consecutive channels."""
+    B, L, half = packed.shape
+    groups = scale.shape[-1]
+    codes = _unpack(packed).to(scale.dtype).view(B, L, groups, 2 * half // groups)
+    return (codes * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(B, L, 2 * half)
+
+
+_fused_dequantize4 = fused(_dequantize4)
+
+
 @register_cache("vdproj_int4", layouts=("vdproj",))
 class VDProjInt4Cache(VDProjCache):
     """V-DProj's cache with `v_c` (and `k_c`) as packed 4-bit codes (B, L, width/2) uint8, with a scale and a zero
     point per token and group (B, L, width/group) each: the fewest equal groups of at most `group_size` channels."""
 
-    def __init__(self, *args: Any, group_size: int = 32, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group_size: int = 32, fused_read: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"vdproj_int4 group_size={group_size!r} must be an int >= 1")
@@ -88,6 +101,8 @@ class VDProjInt4Cache(VDProjCache):
                 self.buffers[f"{name}_{part}"] = torch.zeros(
                     B, L, width // group, device=latent.device, dtype=self.dtype
                 )
+        latents = [self.buffers[name] for name in LATENTS if name in self.buffers]
+        self.fused_read = use_fused(fused_read, max((2 * x.numel() for x in latents), default=0))
 
     def put(self, name: str, x: Tensor, step: Step) -> None:
         if name not in LATENTS:
@@ -102,8 +117,5 @@ class VDProjInt4Cache(VDProjCache):
     def get(self, name: str, step: Step) -> Tensor:
         if name not in LATENTS:
             return super().get(name, step)
-        group = self.groups[name]
-        codes = _unpack(self.read(name, step)).to(self.dtype)  # (B, L, width)
-        scale = self.read(f"{name}_scale", step).repeat_interleave(group, dim=-1)
-        zero = self.read(f"{name}_zero", step).repeat_interleave(group, dim=-1)
-        return codes * scale + zero
+        dequantize = _fused_dequantize4 if self.fused_read else _dequantize4
+        return dequantize(self.read(name, step), self.read(f"{name}_scale", step), self.read(f"{name}_zero", step))
