@@ -246,6 +246,24 @@ def test_unrolled_aux_loss_is_computed_only_when_asked_and_trains_the_adapter() 
     assert not torch.allclose(grad, full)
 
 
+def test_the_unrolled_phases_pass_the_checks_before_training(tmp_path, text_file) -> None:
+    """The monitor check runs each stage's losses on a tiny probe: the unrolled loss must fit in it (it once failed
+    here on 1 input token, so every unrolled run stopped before training)."""
+    from test_train import smoke
+
+    from kvcompress.run import prepare
+
+    prepare(smoke(tmp_path, text_file, "attention=ka_adapter", "phase=ka_adapter_unrolled"))
+    unrolled = ("phase.stages.adapter.losses.adapter=0", "++phase.stages.adapter.losses.unrolled=1")
+    prepare(smoke(tmp_path, text_file, "attention=ka_adapter", "phase=ka_adapter_only", *unrolled))
+
+
+def test_the_unrolled_loss_needs_two_tokens() -> None:
+    model = GPTNeoX(tiny(attention="ka_adapter")).eval()
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        unrolled_token_losses(model, ids(1, 1, seed=0))
+
+
 @pytest.mark.slow
 def test_unrolled_phase_smoke_run_trains_the_adapter_on_the_unrolled_loss(tmp_path, text_file) -> None:
     from test_train import smoke, stage

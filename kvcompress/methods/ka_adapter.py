@@ -171,6 +171,8 @@ def unrolled_token_losses(
     rounding, to `autoregressive_token_losses(model, input_ids[:, :n], cache="ka")`."""
     ids = input_ids if tokens is None else input_ids[:, :tokens]
     B, T = ids.shape
+    if T < 2:
+        raise ValueError(f"the unrolled KA loss needs at least 2 tokens (an input and its next token), got {T}")
     layers = [cast(Any, layer.attention).ka_adapter for layer in model.layers]
     device = ids.device
     zero = torch.zeros(1, dtype=torch.long, device=device)

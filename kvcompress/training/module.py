@@ -150,9 +150,9 @@ class LMModule(L.LightningModule):
 
     def val_metric_names(self) -> set[str]:
         """What validation logs (without the stage prefix): what a stage may monitor. The auxiliary losses are those
-        the model emits on a 2-token input."""
+        the model emits on a 3-token input (2 inputs: the unrolled KA loss scores at least one next token)."""
         with torch.no_grad():
-            ids = torch.zeros(1, 2, dtype=torch.long, device=self.net.embed_out.weight.device)
+            ids = torch.zeros(1, 3, dtype=torch.long, device=self.net.embed_out.weight.device)
             aux_losses = self.step(ids)[2]
         return {"val_loss", "val_ppl", "val_acc", *(f"val_{name}" for name in aux_losses)}
 
