@@ -522,9 +522,14 @@ def validation_callbacks(extra: Sequence[L.Callback], stage: Stage) -> list[L.Ca
     return callbacks
 
 
+def positionwise_callback(trainer: L.Trainer) -> PositionwisePPL:
+    """The trainer's `PositionwisePPL` (every stage's trainer has one)."""
+    return next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, PositionwisePPL))
+
+
 def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataModule, stage: Stage) -> dict[str, Any]:
     """Validate the weights in hand; returns `val_*` metrics without the stage prefix."""
-    positions = next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, PositionwisePPL))
+    positions = positionwise_callback(trainer)
     (raw,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     prefix = f"{stage.name}/"
     metrics: dict[str, Any] = {
@@ -536,7 +541,7 @@ def validate(trainer: L.Trainer, module: LMModule, datamodule: L.LightningDataMo
 
 def validation_windows(trainer: L.Trainer) -> dict[str, Any]:
     """The per-window losses of the trainer's latest validation (`PositionwisePPL.windows`)."""
-    return dict(next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, PositionwisePPL)).windows)
+    return dict(positionwise_callback(trainer).windows)
 
 
 def set_log_step(trainer: L.Trainer, step: int) -> None:
